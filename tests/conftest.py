@@ -39,3 +39,117 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     SmolLM2 is converted once per test run."""
     shared = os.environ.get("UNDERSTUDY_TEST_MODEL_CACHE")
     yield Path(shared) if shared else tmp_path_factory.mktemp("model-cache")
+
+
+# --- gateway fixtures: a real fake cloud and a real gateway, each on a loopback socket -------
+
+import contextlib  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import uvicorn  # noqa: E402
+
+from gateway.app import UnderstudyApp, create_app  # noqa: E402
+from gateway.fakecloud import FakeCloud, FakeCloudServer  # noqa: E402
+from gateway.settings import Settings, load_settings  # noqa: E402
+
+
+@pytest.fixture
+def fake_cloud() -> Iterator[FakeCloudServer]:
+    server = FakeCloudServer(FakeCloud()).start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class RunningGateway:
+    app: UnderstudyApp
+    server: uvicorn.Server
+    thread: threading.Thread
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def settings(self) -> Settings:
+        return self.app.settings
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def wait_for_records(self, count: int, timeout: float = 10.0, **where: Any) -> list[dict[str, Any]]:
+        from gateway.store.base import RecordFilter
+
+        deadline = time.monotonic() + timeout
+        store = self.app.services.store
+        while True:
+            rows = store.list_records(RecordFilter(**where), limit=100_000)
+            if len(rows) >= count or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.02)
+
+
+def start_gateway(settings: Settings) -> RunningGateway:
+    app = create_app(settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("gateway did not start")
+        time.sleep(0.01)
+    return RunningGateway(app, server, thread, sock.getsockname()[1])
+
+
+GatewayFactory = Callable[..., RunningGateway]
+
+
+@pytest.fixture
+def gateway_factory(data_dir: Path, fake_cloud: FakeCloudServer) -> Iterator[GatewayFactory]:
+    """Start gateways on free ports, pointed at the fake cloud, local backend off by default."""
+    running: list[RunningGateway] = []
+
+    def factory(**overrides: Any) -> RunningGateway:
+        base: dict[str, Any] = {
+            "data_dir": data_dir,
+            "upstream": {"base_url": fake_cloud.base_url},
+            "local": {"enabled": False},
+        }
+        # An explicit (empty) config file: the repo's own gateway.yaml must not leak into tests.
+        config = data_dir.parent / "gateway.yaml"
+        config.write_text("{}\n")
+        settings = load_settings(config, environ={}, **{**base, **overrides})
+        gateway = start_gateway(settings)
+        running.append(gateway)
+        return gateway
+
+    yield factory
+    for gateway in running:
+        with contextlib.suppress(Exception):
+            gateway.stop()
+
+
+@pytest.fixture
+def gateway(gateway_factory: GatewayFactory) -> RunningGateway:
+    return gateway_factory()
+
+
+@pytest.fixture
+def client(gateway: RunningGateway) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-client-secret-123", max_retries=0)

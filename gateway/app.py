@@ -1,0 +1,52 @@
+"""`create_app(settings)`: the ASGI app. No work at import; everything hangs off app.state.
+
+The middleware stack is explicit: /v1/* goes straight to the proxy handler (the hot path,
+its own error mapping); everything else goes through Starlette's router, with one handler
+mapping GatewayError to the OpenAI error shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+
+from gateway.errors import GatewayError
+from gateway.proxy.handler import ProxyHandler
+from gateway.services import Services
+from gateway.settings import Settings
+from gateway.web import admin, health
+from gateway.web.common import handle_gateway_error
+
+
+class UnderstudyApp:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.services = Services(settings)
+        self.proxy = ProxyHandler(self.services)
+        self.web = Starlette(
+            routes=[*health.routes, *admin.routes],
+            exception_handlers={GatewayError: handle_gateway_error},
+            lifespan=self._lifespan,
+        )
+        self.web.state.services = self.services
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.services.start()
+        try:
+            yield
+        finally:
+            await self.services.stop()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            await self.proxy(scope, receive, send)
+        else:
+            await self.web(scope, receive, send)
+
+
+def create_app(settings: Settings) -> UnderstudyApp:
+    return UnderstudyApp(settings)

@@ -1,0 +1,95 @@
+"""`understudy`: the command line. It maps options onto the settings object and calls the
+factories; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from gateway.settings import ConfigError, load_settings
+
+OFFLINE_DEFAULTS = {
+    # Nothing may reach the network at run time: no model hub, no price-map download.
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def enforce_offline() -> None:
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    try:
+        settings = load_settings(args.config, host=args.host, port=args.port)
+    except ConfigError as exc:
+        print(f"understudy: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="auto",
+        http="auto",
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _backend(argv: list[str]) -> int:
+    from local_backend.cli import main as backend_main
+
+    return backend_main(argv)
+
+
+def _train(argv: list[str]) -> int:
+    from trainer.cli import main as trainer_main
+
+    return trainer_main(argv)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="understudy", description="A learning OpenAI-API gateway.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway (and its local backend)")
+    serve.add_argument("--config", help="gateway.yaml path (default: $UNDERSTUDY_CONFIG or ./gateway.yaml)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands.add_parser(
+        "backend", help="run the local model server (see: understudy backend --help)", add_help=False
+    )
+    commands.add_parser(
+        "train", help="train a route's adapter (see: understudy train --help)", add_help=False
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    enforce_offline()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # backend/train own their options: hand them the rest of the line untouched.
+    if argv and argv[0] in ("backend", "train"):
+        return (_backend if argv[0] == "backend" else _train)(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The gateway's one exception tree, mapped once to HTTP status + OpenAI error JSON.
+
+    GatewayError                      (500, the fallback; never raised for a client's mistake)
+    ├── ClientError                   4xx: the request is at fault
+    │   ├── InvalidRequest            400 invalid_request_error
+    │   ├── Unauthorized              401 authentication_error
+    │   ├── Forbidden                 403 permission_error
+    │   ├── NotFound                  404 not_found_error
+    │   ├── Conflict                  409 conflict_error
+    │   ├── PayloadTooLarge           413 invalid_request_error
+    │   └── RateLimited               429 rate_limit_error (+ Retry-After)
+    └── ServiceError                  5xx: the gateway's world is at fault
+        ├── UpstreamUnreachable       502 upstream_error
+        ├── BadUpstreamResponse       502 upstream_error (a 2xx answer that is not what it claims)
+        ├── Overloaded                503 overloaded_error (+ Retry-After)
+        └── UpstreamTimeout           504 timeout_error
+
+Inside an already started stream the same body is sent as an SSE `data:` event instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "internal_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
+
+    def body_bytes(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    def sse_event(self) -> bytes:
+        return b"data: " + self.body_bytes() + b"\n\n"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", b"application/json")]
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(max(1, math.ceil(self.retry_after))).encode()))
+        return headers
+
+
+class ClientError(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidRequest(ClientError):
+    pass
+
+
+class Unauthorized(ClientError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ClientError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(ClientError):
+    status = 404
+    type = "not_found_error"
+    code = "not_found"
+
+
+class Conflict(ClientError):
+    status = 409
+    type = "conflict_error"
+    code = "conflict"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class RateLimited(ClientError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class ServiceError(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+
+class UpstreamUnreachable(ServiceError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unreachable"
+
+
+class BadUpstreamResponse(UpstreamUnreachable):
+    code = "upstream_invalid_response"
+
+
+class Overloaded(ServiceError):
+    status = 503
+    type = "overloaded_error"
+    code = "overloaded"
+
+
+class UpstreamTimeout(ServiceError):
+    status = 504
+    type = "timeout_error"
+    code = "upstream_timeout"

@@ -1,0 +1,1 @@
+"""The gateway's side of the local model: supervising the backend process and calling it."""

@@ -1,0 +1,62 @@
+"""Every metric in DESIGN.md, on one registry per app (so tests can run several apps).
+
+Labels are bounded: `route` comes from the config, `backend` and `code` from small fixed sets,
+never raw model strings or user ids from clients.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# LLM latencies span 5 ms (a cached or tiny answer) to minutes (long generations).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+PREFIX = "understudy_"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}requests", "Requests answered", ["route", "backend", "code"], registry=r
+        )
+        self.request_duration = Histogram(
+            f"{PREFIX}request_duration_seconds",
+            "Request latency, first byte in to last byte out",
+            ["route", "backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}time_to_first_token_seconds",
+            "Time to the first streamed content chunk",
+            ["route", "backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(f"{PREFIX}tokens", "Tokens processed", ["route", "backend", "kind"], registry=r)
+        self.rate_limited = Counter(
+            f"{PREFIX}rate_limited", "Requests refused by a limit", ["scope"], registry=r
+        )
+        self.inflight = Gauge(f"{PREFIX}inflight_requests", "Requests in flight", ["backend"], registry=r)
+        self.route_mode = Gauge(
+            f"{PREFIX}route_mode", "1 for the route's current mode", ["route", "mode"], registry=r
+        )
+        self.eval_score = Gauge(f"{PREFIX}eval_score", "Rolling mean judge score", ["route"], registry=r)
+        self.evals = Counter(f"{PREFIX}evals", "Judged evaluations", ["route", "result"], registry=r)
+        self.training_jobs = Counter(
+            f"{PREFIX}training_jobs", "Training jobs by final status", ["route", "status"], registry=r
+        )
+        self.upstream_retries = Counter(f"{PREFIX}upstream_retries", "Upstream calls retried", registry=r)
+        self.log_records = Counter(f"{PREFIX}log_records", "Log records committed to the store", registry=r)
+        self.log_write_errors = Counter(
+            f"{PREFIX}log_write_errors", "Log records lost (could not be written)", registry=r
+        )
+        self.log_queue_depth = Gauge(
+            f"{PREFIX}log_queue_depth", "Log records waiting for the store", registry=r
+        )
+        self.cost = Counter(f"{PREFIX}cost_usd", "Estimated spend in USD", ["route", "backend"], registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,97 @@
+"""What the gateway knows about one request as it goes: enough to answer and to log it."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.store.base import LogRecord
+
+# Bodies beyond this are logged cut (and marked), so one huge request cannot bloat the store.
+MAX_LOGGED_BODY = 1 << 20
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def loggable_body(raw: bytes, content_type: str) -> str | None:
+    if not raw:
+        return None
+    if "json" not in content_type and raw[:1] not in (b"{", b"["):
+        return orjson.dumps({"content_type": content_type, "bytes": len(raw)}).decode()
+    text = raw[:MAX_LOGGED_BODY].decode("utf-8", "replace")
+    return text if len(raw) <= MAX_LOGGED_BODY else orjson.dumps({"truncated": True, "text": text}).decode()
+
+
+def usage_tokens(usage: dict[str, Any] | None) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens from chat/completions (`prompt_tokens`) or Responses
+    (`input_tokens`) usage blocks."""
+    if not isinstance(usage, dict):
+        return None, None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    return (prompt if isinstance(prompt, int) else None, completion if isinstance(completion, int) else None)
+
+
+@dataclass(slots=True)
+class Exchange:
+    method: str
+    endpoint: str
+    started: float = field(default_factory=time.perf_counter)
+    ts: float = field(default_factory=time.time)
+    request_id: str = field(default_factory=new_request_id)
+    route: str = "default"
+    backend: str = "cloud"
+    model: str | None = None
+    upstream_model: str | None = None
+    stream: bool = False
+    status: int = 0
+    outcome: str = "ok"
+    request_text: str | None = None
+    response_text: str | None = None
+    usage: dict[str, Any] | None = None
+    error: str | None = None
+    first_token_at: float | None = None
+    client: str | None = None
+
+    def gateway_headers(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"x-request-id", self.request_id.encode()),
+            (b"x-understudy-route", self.route.encode()),
+            (b"x-understudy-backend", self.backend.encode()),
+        ]
+
+    @property
+    def latency_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    def record(self) -> LogRecord:
+        prompt, completion = usage_tokens(self.usage)
+        ttft = None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
+        return LogRecord(
+            request_id=self.request_id,
+            ts=self.ts,
+            route=self.route,
+            backend=self.backend,
+            endpoint=self.endpoint,
+            method=self.method,
+            status=self.status,
+            outcome=self.outcome,
+            stream=self.stream,
+            model=self.model,
+            upstream_model=self.upstream_model,
+            latency_ms=round(self.latency_s * 1000, 3),
+            ttft_ms=None if ttft is None else round(ttft, 3),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            request=self.request_text,
+            response=self.response_text,
+            usage=None if self.usage is None else orjson.dumps(self.usage).decode(),
+            error=self.error,
+            client=self.client,
+        )

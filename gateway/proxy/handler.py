@@ -1,0 +1,251 @@
+"""The /v1/* edge as a plain ASGI app: parse a little, pick the route, forward, log.
+
+It is raw ASGI rather than a Starlette endpoint because it is the hot path: it forwards the
+client's bytes untouched, streams chunk by chunk, and the record of each request is committed
+before the response's last byte is sent (so a SIGKILL right after a reply loses nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway.errors import BadUpstreamResponse, GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.proxy.assemble import StreamAssembler
+from gateway.proxy.exchange import Exchange, loggable_body
+from gateway.proxy.view import RequestView
+from gateway.upstream.base import HOP_BY_HOP, UpstreamRequest, UpstreamResponse
+
+if TYPE_CHECKING:
+    from gateway.services import Services
+
+log = logging.getLogger("understudy.proxy")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+ROUTE_HEADER = b"x-understudy-route"
+_DONE = b"data: [DONE]"
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def forward_headers(headers: list[tuple[bytes, bytes]], api_key: str | None) -> dict[str, str]:
+    """The client's headers minus hop-by-hop and gateway control headers; the configured
+    upstream key replaces the client's Authorization when there is one."""
+    out: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1")
+        if name in HOP_BY_HOP or name.startswith("x-understudy-"):
+            continue
+        if api_key and name in ("authorization", "api-key", "x-api-key"):
+            continue
+        out[name] = raw_value.decode("latin-1")
+    if api_key:
+        out["authorization"] = f"Bearer {api_key}"
+    return out
+
+
+def upstream_path(scope: Scope) -> str:
+    """The path below /v1, still percent-encoded as the client sent it. Dot segments are
+    refused so a client can never step outside the upstream's API root."""
+    path: str = scope["path"]
+    if any(segment in (".", "..") for segment in path.split("/")):
+        raise InvalidRequest("the path may not contain '.' or '..' segments", code="invalid_path")
+    raw = scope.get("raw_path")
+    text = raw.decode("latin-1").split("?", 1)[0] if raw else path
+    return text[len("/v1") :]
+
+
+def complete_events_end(buffer: bytes) -> int:
+    """Length of the prefix of `buffer` made of whole SSE events (0 if none is complete)."""
+    return max(buffer.rfind(b"\n\n") + 2, buffer.rfind(b"\r\n\r\n") + 4, 0)
+
+
+async def read_body(receive: Any, limit: int, declared: str | None) -> bytes:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is larger than the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidRequest(
+                "the client disconnected while sending the request", code="client_disconnected"
+            )
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is larger than the {limit}-byte limit")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ProxyHandler:
+    def __init__(self, services: Services):
+        self.services = services
+        self.max_body = services.settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        ex = Exchange(method=scope["method"], endpoint=scope["path"])
+        ex.client = self.services.client_name(scope)
+        metrics = self.services.metrics
+        metrics.inflight.labels("cloud").inc()
+        try:
+            await self._handle(ex, scope, receive, send)
+        except GatewayError as exc:
+            await self._fail(ex, send, exc)
+        finally:
+            metrics.inflight.labels("cloud").dec()
+            self.services.observe(ex)
+
+    async def _handle(self, ex: Exchange, scope: Scope, receive: Any, send: Any) -> None:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        raw = await read_body(receive, self.max_body, _header(headers, b"content-length"))
+        content_type = _header(headers, b"content-type") or ""
+        ex.request_text = loggable_body(raw, content_type)
+        view = RequestView.parse(raw, content_type)
+        route = self.services.routes.resolve(view.model, _header(headers, ROUTE_HEADER))
+        ex.route, ex.model, ex.stream = route.name, view.model, view.stream
+        body = raw
+        if route.upstream_model and view.body is not None:
+            body = view.with_model(raw, route.upstream_model)
+            ex.upstream_model = route.upstream_model
+        upstream = self.services.upstreams[route.upstream]
+        request = UpstreamRequest(
+            method=ex.method,
+            path=upstream_path(scope),
+            query=scope.get("query_string", b"").decode("latin-1"),
+            headers=forward_headers(headers, upstream.api_key),
+            body=body,
+            view=view,
+        )
+        response = await upstream.send(request)
+        ex.status = response.status
+        if response.is_event_stream:
+            await self._relay_stream(ex, response, receive, send)
+        else:
+            await self._relay_whole(ex, response, send)
+
+    async def _relay_whole(self, ex: Exchange, response: UpstreamResponse, send: Any) -> None:
+        payload = await response.read()
+        ex.response_text = loggable_body(payload, response.content_type)
+        if ex.status >= 400:
+            ex.outcome = "error"
+            ex.error = f"upstream answered {ex.status}"
+        elif "json" in response.content_type:
+            self._read_answer(ex, payload)
+        await self.services.commit(ex)
+        headers = [*response.headers, *ex.gateway_headers(), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": ex.status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    @staticmethod
+    def _read_answer(ex: Exchange, payload: bytes) -> None:
+        try:
+            answer = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            # Passing a broken 200 on would only move the failure into the client's parser.
+            raise BadUpstreamResponse("the upstream's answer is not valid JSON") from None
+        if not isinstance(answer, dict):
+            return
+        usage = answer.get("usage")
+        ex.usage = usage if isinstance(usage, dict) else None
+        choices = answer.get("choices")
+        if isinstance(choices, list) and any(
+            isinstance(c, dict) and c.get("finish_reason") == "length" for c in choices
+        ):
+            ex.outcome = "truncated"
+
+    async def _relay_stream(self, ex: Exchange, response: UpstreamResponse, receive: Any, send: Any) -> None:
+        disconnected = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, disconnected, response))
+        assembler = StreamAssembler()
+        headers = [*response.headers, *ex.gateway_headers()]
+        await send({"type": "http.response.start", "status": ex.status, "headers": headers})
+        held = b""
+        try:
+            held = await self._pump(ex, response, send, assembler, disconnected)
+        except GatewayError as exc:
+            if disconnected.is_set():
+                ex.outcome, ex.error = "disconnected", "the client disconnected mid-stream"
+            else:
+                ex.outcome, ex.error = "error", exc.message
+                held = exc.sse_event()
+        finally:
+            watcher.cancel()
+            response.close()
+        ex.first_token_at = assembler.first_token_at
+        ex.usage = assembler.usage
+        ex.response_text = orjson.dumps(assembler.result()).decode()
+        if ex.outcome == "ok" and "length" in assembler.finish_reasons:
+            ex.outcome = "truncated"
+        if ex.status >= 400 and ex.outcome == "ok":
+            ex.outcome, ex.error = "error", f"upstream answered {ex.status}"
+        await self.services.commit(ex)
+        await send({"type": "http.response.body", "body": held, "more_body": False})
+
+    async def _pump(
+        self,
+        ex: Exchange,
+        response: UpstreamResponse,
+        send: Any,
+        assembler: StreamAssembler,
+        disconnected: asyncio.Event,
+    ) -> bytes:
+        """Forward whole SSE events as they arrive; return the bytes held back (the final
+        `[DONE]` event onwards) to be sent only once the record is durable."""
+        buffer = b""
+        held = b""
+        async for chunk in response.iter_chunks():
+            if held:
+                held += chunk
+                continue
+            buffer += chunk
+            end = complete_events_end(buffer)
+            if not end:
+                continue
+            events, buffer = buffer[:end], buffer[end:]
+            done_at = events.find(_DONE)
+            if done_at >= 0:
+                events, held = events[:done_at], events[done_at:] + buffer
+                buffer = b""
+            if events:
+                assembler.feed(events)
+                await send({"type": "http.response.body", "body": events, "more_body": True})
+            if disconnected.is_set():
+                ex.outcome, ex.error = "disconnected", "the client disconnected mid-stream"
+                return b""
+        if buffer:  # an unterminated last event: pass it on as it came
+            assembler.feed(buffer + b"\n\n")
+            held = buffer + held
+        return held
+
+    async def _fail(self, ex: Exchange, send: Any, exc: GatewayError) -> None:
+        ex.status, ex.outcome, ex.error = exc.status, "error", exc.message
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", ex.method, ex.endpoint, exc.status, exc.message)
+        body = exc.body_bytes()
+        await self.services.commit(ex)
+        headers = [*exc.headers(), *ex.gateway_headers(), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _watch_disconnect(receive: Any, disconnected: asyncio.Event, response: UpstreamResponse) -> None:
+    """Wait for the client to leave; then stop reading the upstream (which ends its work)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            disconnected.set()
+            response.close()
+            return

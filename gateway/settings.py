@@ -1,0 +1,255 @@
+"""One typed settings object, loaded once from `gateway.yaml` plus UNDERSTUDY_* environment.
+
+Precedence: built-in defaults < gateway.yaml < environment. `${VAR}` and `${VAR:-default}`
+are interpolated inside the YAML text before it is parsed. Unknown keys are rejected with a
+message that names the key, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_UPSTREAM = "default"
+DEFAULT_ROUTE = "default"
+DEFAULT_LOCAL_MODEL = "SmolLM2-135M-Instruct"
+ROUTE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamSettings(_Strict):
+    """A cloud LLM the gateway forwards to."""
+
+    base_url: str = "https://api.openai.com/v1"
+    api_key: str | None = None
+    # `openai`: any OpenAI-compatible API, forwarded byte for byte on a pooled aiohttp client.
+    # `litellm`: another provider (Anthropic, Gemini, Bedrock...) through litellm's translation.
+    provider: Literal["openai", "litellm"] = "openai"
+    # For `litellm`: the prefix litellm uses to pick the provider, e.g. "anthropic/".
+    model_prefix: str = ""
+    timeout_s: float = Field(600.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    # Longest silence allowed between two bytes of an upstream answer (first byte included).
+    read_timeout_s: float = Field(300.0, gt=0)
+    max_connections: int = Field(512, ge=1)
+
+    @field_validator("api_key")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+
+class PolicySettings(_Strict):
+    """When a route moves between cloud and local (used by the adaptive cycle)."""
+
+    min_samples: int = Field(200, ge=1)
+    threshold: float = Field(70.0, ge=0, le=100)
+    promote_after: int = Field(20, ge=1)
+    eval_rate: float = Field(0.05, ge=0, le=1)
+    window: int = Field(50, ge=1)
+    demote_after: int = Field(3, ge=1)
+    cooldown_s: float = Field(3600.0, ge=0)
+    judge: Literal["upstream", "exact", "json_equal", "embedding"] = "upstream"
+
+
+class RouteSettings(_Strict):
+    """A unit that adapts: matched by request `model` (exact or glob) or forced by header."""
+
+    name: str = Field(pattern=ROUTE_NAME_PATTERN)
+    match: list[str] = Field(default_factory=list)
+    upstream: str = DEFAULT_UPSTREAM
+    # Rewrite the `model` sent upstream; None keeps the client's.
+    upstream_model: str | None = None
+    adapt: bool = False
+    local_model: str = DEFAULT_LOCAL_MODEL
+    policy: PolicySettings = PolicySettings()
+
+    def matches(self, model: str) -> bool:
+        return any(model == pattern or fnmatch.fnmatchcase(model, pattern) for pattern in self.match)
+
+
+class LocalSettings(_Strict):
+    """The local model server: started as a child process unless `base_url` points elsewhere."""
+
+    enabled: bool = True
+    base_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(7000, ge=1, le=65535)
+    model: str = DEFAULT_LOCAL_MODEL
+    startup_timeout_s: float = Field(300.0, gt=0)
+
+
+class LogSettings(_Strict):
+    # Batches grow under load (group commit); this caps one transaction.
+    max_batch: int = Field(512, ge=1)
+    # Records waiting for the store beyond this are still kept, but counted and warned about.
+    queue_warn_depth: int = Field(10_000, ge=1)
+
+
+class Settings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path = Path(".understudy")
+    # Empty: SQLite under data_dir. A postgresql:// URL selects the shared store.
+    database_url: str | None = None
+    redis_url: str | None = None
+    admin_key: str | None = None
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    upstream: UpstreamSettings = UpstreamSettings()
+    upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
+    local: LocalSettings = LocalSettings()
+    routes: list[RouteSettings] = Field(default_factory=list)
+    log: LogSettings = LogSettings()
+
+    @field_validator("admin_key", "database_url", "redis_url")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Settings:
+        names = [route.name for route in self.routes]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate route names: {', '.join(duplicates)}")
+        known = {DEFAULT_UPSTREAM, *self.upstreams}
+        for index, route in enumerate(self.routes):
+            if route.upstream not in known:
+                raise ValueError(
+                    f"routes[{index}].upstream: unknown upstream {route.upstream!r} "
+                    f"(known: {', '.join(sorted(known))})"
+                )
+        return self
+
+    def upstream_named(self, name: str) -> UpstreamSettings:
+        return self.upstream if name == DEFAULT_UPSTREAM else self.upstreams[name]
+
+    def all_routes(self) -> list[RouteSettings]:
+        """Configured routes in match order, ending with the `default` catch-all."""
+        routes = list(self.routes)
+        if not any(route.name == DEFAULT_ROUTE for route in routes):
+            routes.append(RouteSettings(name=DEFAULT_ROUTE))
+        return routes
+
+    @property
+    def local_base_url(self) -> str:
+        return self.local.base_url or f"http://{self.local.host}:{self.local.port}/v1"
+
+    @property
+    def manages_local_backend(self) -> bool:
+        return self.local.enabled and self.local.base_url is None
+
+
+def interpolate(text: str, environ: Mapping[str, str]) -> str:
+    """Replace `${VAR}` / `${VAR:-default}`; an unset variable without default becomes ''."""
+    return _INTERPOLATION.sub(lambda m: environ.get(m.group(1)) or (m.group(2) or ""), text)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    simple = {
+        "UNDERSTUDY_HOST": "host",
+        "UNDERSTUDY_PORT": "port",
+        "UNDERSTUDY_DATA_DIR": "data_dir",
+        "UNDERSTUDY_ADMIN_KEY": "admin_key",
+        "UNDERSTUDY_DATABASE_URL": "database_url",
+        "UNDERSTUDY_REDIS_URL": "redis_url",
+    }
+    for var, key in simple.items():
+        if environ.get(var):
+            overrides[key] = environ[var]
+    upstream: dict[str, Any] = {}
+    if environ.get("UNDERSTUDY_UPSTREAM_BASE_URL"):
+        upstream["base_url"] = environ["UNDERSTUDY_UPSTREAM_BASE_URL"]
+    api_key = environ.get("UNDERSTUDY_UPSTREAM_API_KEY") or environ.get("OPENAI_API_KEY")
+    if api_key:
+        upstream["api_key"] = api_key
+    if upstream:
+        overrides["upstream"] = upstream
+    if environ.get("UNDERSTUDY_LOCAL"):
+        overrides["local"] = {"enabled": _parse_switch("UNDERSTUDY_LOCAL", environ["UNDERSTUDY_LOCAL"])}
+    return overrides
+
+
+def _parse_switch(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("on", "1", "true", "yes"):
+        return True
+    if lowered in ("off", "0", "false", "no"):
+        return False
+    raise ConfigError(f"{name}: expected on or off, got {value!r}")
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(interpolate(text, environ)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return data
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"{where}: {message}")
+    return f"invalid configuration in {source}: " + "; ".join(lines)
+
+
+def config_path(explicit: str | Path | None, environ: Mapping[str, str]) -> Path | None:
+    """The config file to read: the explicit one, UNDERSTUDY_CONFIG, or ./gateway.yaml if present."""
+    if explicit:
+        return Path(explicit)
+    if environ.get("UNDERSTUDY_CONFIG"):
+        return Path(environ["UNDERSTUDY_CONFIG"])
+    default = Path("gateway.yaml")
+    return default if default.is_file() else None
+
+
+def load_settings(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build the settings: defaults < YAML file < environment < explicit keyword overrides."""
+    env = os.environ if environ is None else environ
+    source = config_path(path, env)
+    data = _read_yaml(source, env) if source else {}
+    data = _merge(data, _env_overrides(env))
+    data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, str(source or "environment"))) from None

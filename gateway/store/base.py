@@ -1,0 +1,75 @@
+"""The store seam: what a log record is and what every store implementation offers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+Backend = Literal["cloud", "local", "failover"]
+# ok: a complete answer; error: an error status or a broken upstream; disconnected: the
+# client left before the end; truncated: the model stopped at max_tokens.
+Outcome = Literal["ok", "error", "disconnected", "truncated"]
+
+
+@dataclass(slots=True)
+class LogRecord:
+    """One request through the gateway. `request`/`response`/`usage` are JSON text, kept as
+    the bytes came so logging never re-serialises the hot path's payloads."""
+
+    request_id: str
+    ts: float
+    route: str
+    backend: str
+    endpoint: str
+    method: str
+    status: int
+    outcome: str
+    stream: bool = False
+    model: str | None = None
+    upstream_model: str | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    request: str | None = None
+    response: str | None = None
+    usage: str | None = None
+    error: str | None = None
+    client: str | None = None
+    # user: client traffic; judge / shadow: the gateway's own calls (never counted as traffic).
+    kind: str = "user"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFilter:
+    route: str | None = None
+    backend: str | None = None
+    status: int | None = None
+    kind: str | None = None
+    since: float | None = None
+    until: float | None = None
+    # Page backwards from this record id (exclusive): ids only grow, so cursors are stable.
+    before_id: int | None = None
+    after_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    """Durable storage of log records. Methods are blocking: call them from a worker thread."""
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def insert_records(self, records: Sequence[LogRecord]) -> None: ...
+
+    def list_records(self, where: RecordFilter, limit: int) -> list[dict[str, Any]]: ...
+
+    def iter_records(
+        self, route: str | None = None, since_id: int | None = None, kind: str | None = "user"
+    ) -> Iterator[dict[str, Any]]: ...
+
+    def count_records(self, where: RecordFilter) -> int: ...
+
+    def delete_records(self, route: str | None, before: float | None) -> int: ...

@@ -1,0 +1,174 @@
+"""SQLite store (WAL): the embedded default under the data dir.
+
+WAL with synchronous=NORMAL makes a commit durable against a crash of the process (SIGKILL)
+without an fsync per commit; only a power loss can take the last commits back. One writer
+connection (the log writer's thread) and one reader connection per reading thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import astuple, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.store.base import LogRecord, RecordFilter
+
+SCHEMA_VERSION = 1
+_COLUMNS = [f.name for f in fields(LogRecord)]
+_JSON_COLUMNS = ("request", "response", "usage")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    route TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    method TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    model TEXT,
+    upstream_model TEXT,
+    latency_ms REAL,
+    ttft_ms REAL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    request TEXT,
+    response TEXT,
+    usage TEXT,
+    error TEXT,
+    client TEXT,
+    kind TEXT NOT NULL DEFAULT 'user'
+);
+CREATE INDEX IF NOT EXISTS records_route_id ON records(route, id);
+CREATE INDEX IF NOT EXISTS records_ts ON records(ts);
+"""
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
+    record = dict(row)
+    record["ts"] = iso(record["ts"])
+    record["stream"] = bool(record["stream"])
+    for column in _JSON_COLUMNS:
+        text = record.get(column)
+        if text is not None:
+            # A non-JSON body (or one cut at the size cap) stays text.
+            with contextlib.suppress(orjson.JSONDecodeError):
+                record[column] = orjson.loads(text)
+    return record
+
+
+def _where(where: RecordFilter) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, value, op in (
+        ("route", where.route, "="),
+        ("backend", where.backend, "="),
+        ("status", where.status, "="),
+        ("kind", where.kind, "="),
+        ("ts", where.since, ">="),
+        ("ts", where.until, "<"),
+        ("id", where.before_id, "<"),
+        ("id", where.after_id, ">"),
+    ):
+        if value is not None:
+            clauses.append(f"{column} {op} ?")
+            params.append(value)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+class SQLiteStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._conn()
+        with conn:
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
+
+    def insert_records(self, records: Sequence[LogRecord]) -> None:
+        conn = self._conn()
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        sql = f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
+        conn.execute("BEGIN")
+        try:
+            conn.executemany(sql, [astuple(record) for record in records])
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def list_records(self, where: RecordFilter, limit: int) -> list[dict[str, Any]]:
+        """Newest first; page on with `RecordFilter(before_id=<last id>)`."""
+        clause, params = _where(where)
+        rows = self._conn().execute(
+            f"SELECT * FROM records{clause} ORDER BY id DESC LIMIT ?", [*params, limit]
+        )
+        return [_row_to_dict(row) for row in rows]
+
+    def iter_records(
+        self, route: str | None = None, since_id: int | None = None, kind: str | None = "user"
+    ) -> Iterator[dict[str, Any]]:
+        """Oldest first, in pages, so an export or a dataset never holds the table in memory."""
+        last = since_id or 0
+        while True:
+            clause, params = _where(RecordFilter(route=route, kind=kind, after_id=last))
+            rows = (
+                self._conn()
+                .execute(f"SELECT * FROM records{clause} ORDER BY id ASC LIMIT 500", params)
+                .fetchall()
+            )
+            if not rows:
+                return
+            for row in rows:
+                yield _row_to_dict(row)
+            last = rows[-1]["id"]
+
+    def count_records(self, where: RecordFilter) -> int:
+        clause, params = _where(where)
+        (count,) = self._conn().execute(f"SELECT COUNT(*) FROM records{clause}", params).fetchone()
+        return int(count)
+
+    def delete_records(self, route: str | None, before: float | None) -> int:
+        clause, params = _where(RecordFilter(route=route, until=before))
+        conn = self._conn()
+        with conn:
+            cursor = conn.execute(f"DELETE FROM records{clause}", params)
+        return cursor.rowcount

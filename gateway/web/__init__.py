@@ -1,0 +1,1 @@
+"""The non-proxy HTTP edge: health, metrics, admin API."""
