@@ -333,7 +333,7 @@ class FakeCloud:
             return web.json_response(result)
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
-        events = [
+        events: list[dict[str, Any]] = [
             {"type": "response.created", "response": {**result, "status": "in_progress", "output": []}},
             *(
                 {
