@@ -45,6 +45,8 @@ def _serve(args: argparse.Namespace) -> int:
         http="auto",
         log_level=args.log_level,
         access_log=False,
+        # X-Forwarded-For is not trusted by default: the client address gates the admin API.
+        proxy_headers=False,
         timeout_graceful_shutdown=30,
     )
     return 0

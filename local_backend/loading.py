@@ -106,7 +106,7 @@ def _load_pretrained(source: ModelSource, dtype_name: str, device: str) -> tuple
     location = str(source.folder)
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype_name), **kwargs)
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to() through a decorator
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
