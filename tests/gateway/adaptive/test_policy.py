@@ -1,0 +1,90 @@
+"""The adaptive state machine's rules, without I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.adaptive.policy import (
+    EvalOutcome,
+    RouteState,
+    ready_to_train,
+    record_eval,
+    record_spot_check,
+    training_completed,
+    training_failed,
+    training_started,
+    wilson_lower_bound,
+)
+from gateway.settings import PolicySettings
+
+PASS = EvalOutcome(True, 90.0)
+FAIL = EvalOutcome(False, 20.0)
+
+
+def test_wilson_lower_bound_known_values() -> None:
+    assert wilson_lower_bound(0, 0) == 0.0
+    assert wilson_lower_bound(20, 20) == pytest.approx(0.8389, abs=1e-3)
+    assert wilson_lower_bound(5, 5) == pytest.approx(0.5655, abs=1e-3)
+    assert wilson_lower_bound(50, 100) == pytest.approx(0.4038, abs=1e-3)
+
+
+def test_training_trigger_needs_samples_and_cooldown() -> None:
+    policy = PolicySettings(min_samples=10, cooldown_s=100)
+    state = RouteState("r")
+    assert not ready_to_train(state, policy, new_pairs=9, now=1000)
+    assert ready_to_train(state, policy, new_pairs=10, now=1000)
+    training_started(state, "job1", through_id=42, now=1000)
+    assert state.mode == "training" and state.trained_through_id == 42
+    training_failed(state, policy, "boom", now=1010)
+    assert state.mode == "cloud" and state.backoff_until > 1010 + 99
+    assert not ready_to_train(state, policy, new_pairs=50, now=1105)  # still backing off
+    assert ready_to_train(state, policy, new_pairs=50, now=state.backoff_until)
+    assert [h["to"] for h in state.history] == ["training", "cloud"]
+    assert "boom" in state.history[-1]["reason"]
+
+
+def test_promotion_needs_streak_and_confidence() -> None:
+    # promote_after=3 alone would promote on a lucky streak; the Wilson bound holds it back
+    policy = PolicySettings(promote_after=3, min_pass_rate=0.8, window=50)
+    state = RouteState("r", mode="training")
+    training_completed(state, version=1, window_size=50, now=0)
+    for _ in range(15):
+        record_eval(state, policy, PASS, now=1)
+    assert state.mode == "eval"  # wilson(15/15) = 0.796 < 0.8
+    record_eval(state, policy, PASS, now=2)
+    assert state.mode == "local" and state.active_version == 1 and state.candidate_version is None
+
+
+def test_one_eval_failure_goes_back_to_cloud() -> None:
+    policy = PolicySettings(promote_after=2, min_pass_rate=0.0)
+    state = RouteState("r", mode="training")
+    training_completed(state, version=3, window_size=10, now=0)
+    record_eval(state, policy, PASS, now=1)
+    record_eval(state, policy, FAIL, now=2)
+    assert state.mode == "cloud" and state.candidate_version is None and state.active_version is None
+
+
+def test_spot_checks_demote_on_fails_or_low_score() -> None:
+    policy = PolicySettings(threshold=70, demote_after=2, window=10)
+    state = RouteState("r", mode="local", active_version=1)
+    state.window.extend([(True, 95.0)] * 8)
+    record_spot_check(state, policy, FAIL, now=1)
+    assert state.mode == "local"
+    record_spot_check(state, policy, FAIL, now=2)
+    assert state.mode == "cloud" and "2 failed spot checks" in state.history[-1]["reason"]
+    low = RouteState("r", mode="local", active_version=1)
+    record_spot_check(low, policy, EvalOutcome(True, 60.0), now=1)
+    assert low.mode == "cloud" and "rolling score" in low.history[-1]["reason"]
+
+
+def test_pins_and_serialisation_round_trip() -> None:
+    state = RouteState("r", mode="local", active_version=2)
+    state.window.extend([(True, 80.0), (False, 10.0)])
+    assert state.serving_mode == "local"
+    state.pinned = "cloud"
+    assert state.serving_mode == "cloud"
+    copy = RouteState.from_json(state.to_json(), window_size=5)
+    assert copy.to_json() == state.to_json()
+    assert copy.rolling_score == 45.0 and copy.pass_rate == 0.5
+    unpinned_without_adapter = RouteState("r", pinned="local")
+    assert unpinned_without_adapter.serving_mode == "cloud"
