@@ -41,6 +41,28 @@ class LogRecord:
     kind: str = "user"
 
 
+@dataclass(slots=True)
+class EvalRecord:
+    """One judged comparison of a local answer with the cloud's (JSON fields as text)."""
+
+    ts: float
+    route: str
+    adapter_version: int | None
+    # eval: a live request shadowed during eval; heldout: the held-out split; spot: a spot
+    # check while local; manual: requested through the admin API.
+    phase: str
+    judge: str
+    passed: bool | None
+    score: float | None
+    scores: str | None
+    prompt: str
+    cloud_answer: str | None
+    local_answer: str | None
+    reason: str | None = None
+    error: str | None = None
+    latency_ms: float | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class RecordFilter:
     route: str | None = None
@@ -73,3 +95,15 @@ class Store(Protocol):
     def count_records(self, where: RecordFilter) -> int: ...
 
     def delete_records(self, route: str | None, before: float | None) -> int: ...
+
+    def count_usable_pairs(self, route: str, after_id: int) -> tuple[int, int]:
+        """(how many successful cloud chat answers of `route` have id > after_id, newest id)."""
+        ...
+
+    def load_route_state(self, route: str) -> dict[str, Any] | None: ...
+
+    def save_route_state(self, route: str, state: dict[str, Any]) -> None: ...
+
+    def insert_eval(self, record: EvalRecord) -> int: ...
+
+    def list_evals(self, route: str, limit: int, before_id: int | None = None) -> list[dict[str, Any]]: ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -18,9 +19,9 @@ from typing import Any
 
 import orjson
 
-from gateway.store.base import LogRecord, RecordFilter
+from gateway.store.base import EvalRecord, LogRecord, RecordFilter
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _COLUMNS = [f.name for f in fields(LogRecord)]
 _JSON_COLUMNS = ("request", "response", "usage")
 _SCHEMA = """
@@ -50,18 +51,45 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE INDEX IF NOT EXISTS records_route_id ON records(route, id);
 CREATE INDEX IF NOT EXISTS records_ts ON records(ts);
+CREATE TABLE IF NOT EXISTS route_state (
+    route TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    route TEXT NOT NULL,
+    adapter_version INTEGER,
+    phase TEXT NOT NULL,
+    judge TEXT NOT NULL,
+    passed INTEGER,
+    score REAL,
+    scores TEXT,
+    prompt TEXT NOT NULL,
+    cloud_answer TEXT,
+    local_answer TEXT,
+    reason TEXT,
+    error TEXT,
+    latency_ms REAL
+);
+CREATE INDEX IF NOT EXISTS evals_route_id ON evals(route, id);
 """
+_EVAL_COLUMNS = [f.name for f in fields(EvalRecord)]
+_EVAL_JSON_COLUMNS = ("scores", "prompt", "cloud_answer", "local_answer")
 
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
+def _row_to_dict(row: sqlite3.Row, json_columns: tuple[str, ...] = _JSON_COLUMNS) -> dict[str, Any]:
     record = dict(row)
     record["ts"] = iso(record["ts"])
-    record["stream"] = bool(record["stream"])
-    for column in _JSON_COLUMNS:
+    for flag in ("stream", "passed"):
+        if record.get(flag) is not None:
+            record[flag] = bool(record[flag])
+    for column in json_columns:
         text = record.get(column)
         if text is not None:
             # A non-JSON body (or one cut at the size cap) stays text.
@@ -173,3 +201,41 @@ class SQLiteStore:
         with conn:
             cursor = conn.execute(f"DELETE FROM records{clause}", params)
         return cursor.rowcount
+
+    def count_usable_pairs(self, route: str, after_id: int) -> tuple[int, int]:
+        count, newest = (
+            self._conn()
+            .execute(
+                "SELECT COUNT(*), COALESCE(MAX(id), ?) FROM records WHERE route = ? AND id > ? AND kind = 'user'"
+                " AND backend = 'cloud' AND status = 200 AND outcome = 'ok' AND endpoint = '/v1/chat/completions'",
+                (after_id, route, after_id),
+            )
+            .fetchone()
+        )
+        return int(count), int(newest)
+
+    def load_route_state(self, route: str) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT state FROM route_state WHERE route = ?", (route,)).fetchone()
+        return None if row is None else dict(orjson.loads(row[0]))
+
+    def save_route_state(self, route: str, state: dict[str, Any]) -> None:
+        self._conn().execute(
+            "INSERT INTO route_state (route, state, updated) VALUES (?, ?, ?)"
+            " ON CONFLICT(route) DO UPDATE SET state = excluded.state, updated = excluded.updated",
+            (route, orjson.dumps(state).decode(), time.time()),
+        )
+
+    def insert_eval(self, record: EvalRecord) -> int:
+        placeholders = ", ".join("?" for _ in _EVAL_COLUMNS)
+        cursor = self._conn().execute(
+            f"INSERT INTO evals ({', '.join(_EVAL_COLUMNS)}) VALUES ({placeholders})",
+            tuple(getattr(record, c) for c in _EVAL_COLUMNS),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def list_evals(self, route: str, limit: int, before_id: int | None = None) -> list[dict[str, Any]]:
+        rows = self._conn().execute(
+            "SELECT * FROM evals WHERE route = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (route, before_id or 2**62, limit),
+        )
+        return [_row_to_dict(row, _EVAL_JSON_COLUMNS) for row in rows]
