@@ -14,6 +14,7 @@ from typing import Any
 from starlette.applications import Starlette
 
 from gateway.errors import GatewayError
+from gateway.limits.clock import Clock
 from gateway.proxy.handler import ProxyHandler
 from gateway.services import Services
 from gateway.settings import Settings
@@ -22,9 +23,9 @@ from gateway.web.common import handle_gateway_error
 
 
 class UnderstudyApp:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, clock: Clock | None = None):
         self.settings = settings
-        self.services = Services(settings)
+        self.services = Services(settings, clock)
         self.proxy = ProxyHandler(self.services)
         self.web = Starlette(
             routes=[*health.routes, *admin.routes],
@@ -48,5 +49,6 @@ class UnderstudyApp:
             await self.web(scope, receive, send)
 
 
-def create_app(settings: Settings) -> UnderstudyApp:
-    return UnderstudyApp(settings)
+def create_app(settings: Settings, clock: Clock | None = None) -> UnderstudyApp:
+    """The app; `clock` drives rate limits and breakers (tests inject a manual one)."""
+    return UnderstudyApp(settings, clock)

@@ -12,7 +12,8 @@
     └── ServiceError                  5xx: the gateway's world is at fault
         ├── UpstreamUnreachable       502 upstream_error
         ├── BadUpstreamResponse       502 upstream_error (a 2xx answer that is not what it claims)
-        ├── Overloaded                503 overloaded_error (+ Retry-After)
+        ├── Overloaded                503 overloaded_error (+ Retry-After): a full queue
+        ├── CircuitOpen               503 upstream_unavailable (+ Retry-After): breaker open
         └── UpstreamTimeout           504 timeout_error
 
 Inside an already started stream the same body is sent as an SSE `data:` event instead.
@@ -50,6 +51,8 @@ class GatewayError(Exception):
         headers = [(b"content-type", b"application/json")]
         if self.retry_after is not None:
             headers.append((b"retry-after", str(max(1, math.ceil(self.retry_after))).encode()))
+            # The precise wait, which the openai SDK prefers over the whole seconds above.
+            headers.append((b"retry-after-ms", str(max(1, math.ceil(self.retry_after * 1000))).encode()))
         return headers
 
 
@@ -118,6 +121,14 @@ class Overloaded(ServiceError):
     status = 503
     type = "overloaded_error"
     code = "overloaded"
+
+
+class CircuitOpen(ServiceError):
+    """The upstream's circuit breaker is open: failing fast instead of calling it."""
+
+    status = 503
+    type = "upstream_unavailable"
+    code = "circuit_open"
 
 
 class UpstreamTimeout(ServiceError):

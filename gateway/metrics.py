@@ -49,6 +49,15 @@ class Metrics:
             f"{PREFIX}training_jobs", "Training jobs by final status", ["route", "status"], registry=r
         )
         self.upstream_retries = Counter(f"{PREFIX}upstream_retries", "Upstream calls retried", registry=r)
+        self.circuit_open = Gauge(
+            f"{PREFIX}circuit_open",
+            "1 while the upstream's circuit breaker is open",
+            ["upstream"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}queue_depth", "Requests waiting for a concurrency slot", ["pool"], registry=r
+        )
         self.log_records = Counter(f"{PREFIX}log_records", "Log records committed to the store", registry=r)
         self.log_write_errors = Counter(
             f"{PREFIX}log_write_errors", "Log records lost (could not be written)", registry=r

@@ -9,13 +9,16 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from gateway.limits.clock import Clock
+from gateway.limits.guard import Guard, limits_configured
 from gateway.metrics import Metrics
 from gateway.proxy.exchange import usage_tokens
 from gateway.routing import RouteTable
 from gateway.settings import DEFAULT_UPSTREAM, Settings
 from gateway.store import Store, open_store
 from gateway.store.writer import LogWriter
-from gateway.upstream import Upstream, build_upstream
+from gateway.upstream import build_upstream
+from gateway.upstream.resilience import ResilientUpstream, make_resilient
 
 if TYPE_CHECKING:
     from gateway.local.supervisor import BackendSupervisor
@@ -25,14 +28,16 @@ log = logging.getLogger("understudy")
 
 
 class Services:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, clock: Clock | None = None):
         self.settings = settings
         self.metrics = Metrics()
         self.routes = RouteTable(settings.all_routes())
-        self.upstreams: dict[str, Upstream] = {
-            DEFAULT_UPSTREAM: build_upstream(DEFAULT_UPSTREAM, settings.upstream),
-            **{name: build_upstream(name, cfg) for name, cfg in settings.upstreams.items()},
+        self.upstreams: dict[str, ResilientUpstream] = {
+            name: make_resilient(build_upstream(name, cfg), cfg, self.metrics, clock)
+            for name, cfg in {DEFAULT_UPSTREAM: settings.upstream, **settings.upstreams}.items()
         }
+        # None unless client keys or limits are configured: the open default pays nothing.
+        self.guard = Guard(settings, self.metrics, clock) if limits_configured(settings) else None
         self.store: Store = open_store(settings.database_url, settings.data_dir)
         self.writer = LogWriter(
             self.store,
@@ -50,6 +55,8 @@ class Services:
         self.writer.start(asyncio.get_running_loop())
         for upstream in self.upstreams.values():
             await upstream.start()
+        if self.guard is not None:
+            await self.guard.start()
         if self.settings.manages_local_backend:
             from gateway.local.supervisor import BackendSupervisor
 
@@ -64,6 +71,8 @@ class Services:
             await self.backend.stop()
         for upstream in self.upstreams.values():
             await upstream.close()
+        if self.guard is not None:
+            await self.guard.close()
         await self.writer.close()
         await asyncio.to_thread(self.store.close)
 
@@ -75,7 +84,11 @@ class Services:
         )
 
     async def commit(self, ex: Exchange) -> None:
-        """Make the exchange's record durable (or spilled, if the store is failing)."""
+        """Make the exchange's record durable (or spilled, if the store is failing), and
+        settle its token charge: both before the response's last byte, so the client's next
+        request already sees them."""
+        if ex.settle is not None:
+            await ex.settle()
         await self.writer.submit(ex.record())
 
     def client_name(self, scope: dict[str, Any]) -> str | None:

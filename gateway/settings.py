@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.limits.settings import AuthSettings, BreakerSettings, LimitSettings, RetrySettings
+
 DEFAULT_UPSTREAM = "default"
 DEFAULT_ROUTE = "default"
 DEFAULT_LOCAL_MODEL = "SmolLM2-135M-Instruct"
@@ -47,6 +49,9 @@ class UpstreamSettings(_Strict):
     # Longest silence allowed between two bytes of an upstream answer (first byte included).
     read_timeout_s: float = Field(300.0, gt=0)
     max_connections: int = Field(512, ge=1)
+    limits: LimitSettings | None = None
+    retry: RetrySettings = RetrySettings()
+    breaker: BreakerSettings = BreakerSettings()
 
     @field_validator("api_key")
     @classmethod
@@ -81,6 +86,7 @@ class RouteSettings(_Strict):
     adapt: bool = False
     local_model: str = DEFAULT_LOCAL_MODEL
     policy: PolicySettings = PolicySettings()
+    limits: LimitSettings | None = None
 
     def matches(self, model: str) -> bool:
         return any(model == pattern or fnmatch.fnmatchcase(model, pattern) for pattern in self.match)
@@ -95,6 +101,7 @@ class LocalSettings(_Strict):
     port: int = Field(7000, ge=1, le=65535)
     model: str = DEFAULT_LOCAL_MODEL
     startup_timeout_s: float = Field(300.0, gt=0)
+    limits: LimitSettings | None = None
 
 
 class LogSettings(_Strict):
@@ -118,6 +125,7 @@ class Settings(_Strict):
     local: LocalSettings = LocalSettings()
     routes: list[RouteSettings] = Field(default_factory=list)
     log: LogSettings = LogSettings()
+    auth: AuthSettings = AuthSettings()
 
     @field_validator("admin_key", "database_url", "redis_url")
     @classmethod

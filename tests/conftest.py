@@ -55,6 +55,7 @@ import uvicorn  # noqa: E402
 
 from gateway.app import UnderstudyApp, create_app  # noqa: E402
 from gateway.fakecloud import FakeCloud, FakeCloudServer  # noqa: E402
+from gateway.limits.clock import Clock  # noqa: E402
 from gateway.settings import Settings, load_settings  # noqa: E402
 
 
@@ -96,8 +97,8 @@ class RunningGateway:
             time.sleep(0.02)
 
 
-def start_gateway(settings: Settings) -> RunningGateway:
-    app = create_app(settings)
+def start_gateway(settings: Settings, clock: Clock | None = None) -> RunningGateway:
+    app = create_app(settings, clock)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -123,7 +124,7 @@ def gateway_factory(data_dir: Path, fake_cloud: FakeCloudServer) -> Iterator[Gat
     """Start gateways on free ports, pointed at the fake cloud, local backend off by default."""
     running: list[RunningGateway] = []
 
-    def factory(**overrides: Any) -> RunningGateway:
+    def factory(clock: Clock | None = None, **overrides: Any) -> RunningGateway:
         base: dict[str, Any] = {
             "data_dir": data_dir,
             "upstream": {"base_url": fake_cloud.base_url},
@@ -133,7 +134,7 @@ def gateway_factory(data_dir: Path, fake_cloud: FakeCloudServer) -> Iterator[Gat
         config = data_dir.parent / "gateway.yaml"
         config.write_text("{}\n")
         settings = load_settings(config, environ={}, **{**base, **overrides})
-        gateway = start_gateway(settings)
+        gateway = start_gateway(settings, clock)
         running.append(gateway)
         return gateway
 
@@ -153,3 +154,43 @@ def client(gateway: RunningGateway) -> Any:
     import openai
 
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-client-secret-123", max_retries=0)
+
+
+# --- a real redis-server for the shared-state tests (skipped only when it is not installed) --
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import shutil
+    import subprocess
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen([*command, "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            break
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("redis-server did not start")
+        time.sleep(0.02)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """The session's redis-server, emptied for this test."""
+    import redis
+
+    with redis.Redis.from_url(redis_server) as connection:
+        connection.flushall()
+    return redis_server

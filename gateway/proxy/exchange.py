@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,13 +59,18 @@ class Exchange:
     error: str | None = None
     first_token_at: float | None = None
     client: str | None = None
+    # OpenAI's x-ratelimit-* headers, set when a configured limit applied to this request.
+    limit_headers: list[tuple[bytes, bytes]] | None = None
+    # Settles the rate-limit charge on the real usage (set by the limits guard).
+    settle: Callable[[], Awaitable[None]] | None = None
 
     def gateway_headers(self) -> list[tuple[bytes, bytes]]:
-        return [
+        headers = [
             (b"x-request-id", self.request_id.encode()),
             (b"x-understudy-route", self.route.encode()),
             (b"x-understudy-backend", self.backend.encode()),
         ]
+        return headers if self.limit_headers is None else headers + self.limit_headers
 
     @property
     def latency_s(self) -> float:

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.errors import BadUpstreamResponse, GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.limits.headers import merge_rate_limit_headers
 from gateway.proxy.assemble import StreamAssembler
 from gateway.proxy.exchange import Exchange, loggable_body
 from gateway.proxy.view import RequestView
-from gateway.upstream.base import HOP_BY_HOP, UpstreamRequest, UpstreamResponse
+from gateway.upstream.base import HOP_BY_HOP, Upstream, UpstreamRequest, UpstreamResponse
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -38,15 +39,18 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     return None
 
 
-def forward_headers(headers: list[tuple[bytes, bytes]], api_key: str | None) -> dict[str, str]:
+def forward_headers(
+    headers: list[tuple[bytes, bytes]], api_key: str | None, drop_client_key: bool = False
+) -> dict[str, str]:
     """The client's headers minus hop-by-hop and gateway control headers; the configured
-    upstream key replaces the client's Authorization when there is one."""
+    upstream key replaces the client's Authorization when there is one. A gateway client
+    key (`drop_client_key`) is never forwarded."""
     out: dict[str, str] = {}
     for raw_name, raw_value in headers:
         name = raw_name.decode("latin-1")
         if name in HOP_BY_HOP or name.startswith("x-understudy-"):
             continue
-        if api_key and name in ("authorization", "api-key", "x-api-key"):
+        if (api_key or drop_client_key) and name in ("authorization", "api-key", "x-api-key"):
             continue
         out[name] = raw_value.decode("latin-1")
     if api_key:
@@ -110,6 +114,10 @@ class ProxyHandler:
 
     async def _handle(self, ex: Exchange, scope: Scope, receive: Any, send: Any) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
+        guard = self.services.guard
+        key = guard.authenticate(headers) if guard is not None else None
+        if key is not None:
+            ex.client = key.name
         raw = await read_body(receive, self.max_body, _header(headers, b"content-length"))
         content_type = _header(headers, b"content-type") or ""
         ex.request_text = loggable_body(raw, content_type)
@@ -125,10 +133,19 @@ class ProxyHandler:
             method=ex.method,
             path=upstream_path(scope),
             query=scope.get("query_string", b"").decode("latin-1"),
-            headers=forward_headers(headers, upstream.api_key),
+            headers=forward_headers(headers, upstream.api_key, guard is not None and guard.requires_keys),
             body=body,
             view=view,
         )
+        if guard is None:
+            await self._forward(ex, upstream, request, receive, send)
+            return
+        async with guard.admit(ex, key, route, view, route.upstream):
+            await self._forward(ex, upstream, request, receive, send)
+
+    async def _forward(
+        self, ex: Exchange, upstream: Upstream, request: UpstreamRequest, receive: Any, send: Any
+    ) -> None:
         response = await upstream.send(request)
         ex.status = response.status
         if response.is_event_stream:
@@ -145,7 +162,7 @@ class ProxyHandler:
         elif "json" in response.content_type:
             self._read_answer(ex, payload)
         await self.services.commit(ex)
-        headers = [*response.headers, *ex.gateway_headers(), (b"content-length", str(len(payload)).encode())]
+        headers = [*_response_headers(ex, response), (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": ex.status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
@@ -170,7 +187,7 @@ class ProxyHandler:
         disconnected = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, disconnected, response))
         assembler = StreamAssembler()
-        headers = [*response.headers, *ex.gateway_headers()]
+        headers = _response_headers(ex, response)
         await send({"type": "http.response.start", "status": ex.status, "headers": headers})
         held = b""
         try:
@@ -239,6 +256,12 @@ class ProxyHandler:
         headers = [*exc.headers(), *ex.gateway_headers(), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _response_headers(ex: Exchange, response: UpstreamResponse) -> list[tuple[bytes, bytes]]:
+    if ex.limit_headers is None:
+        return [*response.headers, *ex.gateway_headers()]
+    return merge_rate_limit_headers(response.headers, ex.gateway_headers())
 
 
 async def _watch_disconnect(receive: Any, disconnected: asyncio.Event, response: UpstreamResponse) -> None:

@@ -16,9 +16,14 @@ from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
 from gateway.settings import UpstreamSettings
 from gateway.upstream.base import UpstreamRequest, client_facing_headers
 
+CONNECT_TIMEOUT_CODE = "upstream_connect_timeout"
+
 
 def translate_error(exc: BaseException, upstream: str) -> GatewayError:
     """Map a client-side failure to the gateway's error (never leaking the URL's secrets)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        # Nothing was sent yet: safe to retry (resilience.py), unlike a read timeout.
+        return UpstreamTimeout(f"upstream {upstream!r}: connect timed out", code=CONNECT_TIMEOUT_CODE)
     if isinstance(exc, asyncio.TimeoutError):
         return UpstreamTimeout(f"upstream {upstream!r} did not answer in time")
     reason = type(exc).__name__

@@ -1,0 +1,55 @@
+"""Token estimates for TPM, made before the call and settled on the answer's real usage.
+
+The estimate is deliberately cheap (no tokenizer on the hot path): prompt text at ~4
+characters a token, plus the completion budget the request asks for (`max_tokens`, ...)
+times `n`, as OpenAI's own limiter counts it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gateway.proxy.exchange import usage_tokens
+
+CHARS_PER_TOKEN = 4
+# Completion budget assumed when a generating request names none; settled afterwards.
+DEFAULT_COMPLETION_TOKENS = 256
+GENERATING_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+_BUDGET_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+_TEXT_FIELDS = ("messages", "prompt", "input", "instructions")
+
+
+def _chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_chars(item) for item in value)
+    if isinstance(value, dict):
+        return _chars(value.get("content")) + _chars(value.get("text"))
+    return 0
+
+
+def _completion_budget(body: dict[str, Any]) -> int:
+    budget = next(
+        (body[f] for f in _BUDGET_FIELDS if isinstance(body.get(f), int)), DEFAULT_COMPLETION_TOKENS
+    )
+    n = body.get("n")
+    return max(0, budget) * (n if isinstance(n, int) and n > 1 else 1)
+
+
+def estimate_tokens(endpoint: str, body: dict[str, Any] | None) -> int:
+    if not body:
+        return 0
+    prompt = math.ceil(sum(_chars(body.get(f)) for f in _TEXT_FIELDS) / CHARS_PER_TOKEN)
+    if endpoint not in GENERATING_ENDPOINTS:
+        return prompt
+    return prompt + _completion_budget(body)
+
+
+def used_tokens(usage: dict[str, Any] | None) -> int | None:
+    """Tokens an answer really used (prompt + completion), None when it did not say."""
+    prompt, completion = usage_tokens(usage)
+    if prompt is None and completion is None:
+        return None
+    return (prompt or 0) + (completion or 0)

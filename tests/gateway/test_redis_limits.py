@@ -1,0 +1,95 @@
+"""Limits shared through a real redis-server: two gateways enforce one combined limit."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.limits.clock import ManualClock
+from gateway.limits.rates import Charge, Rate
+from gateway.limits.redis import RedisLimiter
+from tests.gateway.ratelimit_client import chat, saturate
+from tests.gateway.test_limits import keys, metric
+from tests.gateway.test_proxy import socket_closed_port
+
+
+async def test_two_gateways_enforce_one_combined_limit(gateway_factory: Any, redis_url: str) -> None:
+    clock = ManualClock()  # one clock for both, as Redis's own TIME would be
+    settings = {"redis_url": redis_url, "auth": keys(alice={"rpm": 600, "tpm": 60_000})}
+    first, second = gateway_factory(clock=clock, **settings), gateway_factory(clock=clock, **settings)
+    async with aiohttp.ClientSession() as session:
+        replies = [await chat(session, gw.url, "sk-alice") for _ in range(15) for gw in (first, second)]
+        clock.advance(1.0)
+        later = [await chat(session, gw.url, "sk-alice") for _ in range(10) for gw in (first, second)]
+    # 600 rpm with a 2 s burst = 20 at once, for both gateways together (alone: 20 each).
+    assert sum(r.status == 200 for r in replies) == 20
+    assert {r.status for r in replies[:20]} == {200} and {r.status for r in replies[20:]} == {429}
+    assert sum(r.status == 200 for r in later) == 10  # refilled at 10 a second
+    remaining = [int(r.headers["x-ratelimit-remaining-requests"]) for r in replies[:20]]
+    assert remaining == list(range(19, -1, -1))  # one counter, whichever gateway answered
+    refused_on = {metric(gw, "understudy_rate_limited_total", scope="key:alice") for gw in (first, second)}
+    assert refused_on == {10.0}
+
+
+async def test_shared_rpm_and_tpm_within_5_percent_over_a_simulated_minute(
+    gateway_factory: Any, redis_url: str
+) -> None:
+    clock = ManualClock()
+    settings = {"redis_url": redis_url, "auth": keys(alice={"rpm": 120}, bob={"tpm": 6000})}
+    gateways = [gateway_factory(clock=clock, **settings) for _ in range(2)]
+    urls = [gw.url for gw in gateways]
+    words = " ".join(["w"] * 60)
+    async with aiohttp.ClientSession() as session:
+        requests = await saturate(session, urls, "sk-alice", clock, 60)
+        tokens = await saturate(session, urls, "sk-bob", clock, 60, content=words, max_tokens=400)
+    assert abs(len(requests.admitted) - 120) <= 0.05 * 120, len(requests.admitted)
+    assert abs(tokens.tokens - 6000) <= 0.05 * 6000, tokens.tokens
+
+
+async def test_redis_clock_by_default(gateway_factory: Any, redis_url: str) -> None:
+    settings = {"redis_url": redis_url, "auth": keys(alice={"rpm": 60})}
+    first, second = gateway_factory(**settings), gateway_factory(**settings)
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        statuses = [
+            (await chat(session, gw.url, "sk-alice")).status for _ in range(4) for gw in (first, second)
+        ]
+    elapsed = time.monotonic() - started
+    # A 2-request burst plus one a second refilled while these ran, across both gateways.
+    assert 2 <= statuses.count(200) <= 2 + int(elapsed) + 1, statuses
+
+
+async def test_unreachable_redis_falls_back_to_per_process_limits(gateway_factory: Any) -> None:
+    with socket_closed_port() as port:
+        clock = ManualClock()
+        gateway = gateway_factory(
+            clock=clock, redis_url=f"redis://127.0.0.1:{port}/0", auth=keys(alice={"rpm": 60})
+        )
+        async with aiohttp.ClientSession() as session:
+            statuses = [(await chat(session, gateway.url, "sk-alice")).status for _ in range(3)]
+    assert statuses == [200, 200, 429]  # still limited, never a 500
+
+
+async def test_redis_limiter_is_all_or_nothing(redis_url: str) -> None:
+    clock = ManualClock()
+    limiter = RedisLimiter(redis_url, clock=clock)
+    await limiter.start()
+    try:
+        requests, tokens = Rate("key:a", "requests", 600, 1.0), Rate("key:a", "tokens", 600, 1.0)
+        assert (await limiter.acquire([Charge(requests, 1), Charge(tokens, 8)])).allowed
+        refused = await limiter.acquire([Charge(requests, 1), Charge(tokens, 5)])
+        assert not refused.allowed and refused.refused_by == tokens
+        assert refused.retry_after_s == pytest.approx(0.3)
+        assert refused.quotas[0].remaining == 9  # the refusal took no request either
+        await limiter.adjust([Charge(tokens, -6)])
+        assert (await limiter.acquire([Charge(requests, 1), Charge(tokens, 5)])).allowed
+        clock.advance(10)
+        assert (await limiter.acquire([Charge(tokens, 25)])).allowed  # oversized: empty bucket only
+        assert not (await limiter.acquire([Charge(tokens, 1)])).allowed
+        clock.advance(2.5)
+        assert (await limiter.acquire([Charge(tokens, 10)])).allowed
+    finally:
+        await limiter.close()
