@@ -7,24 +7,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import orjson
+
+from gateway.adaptive.controller import AdaptiveController
+from gateway.errors import GatewayError, UpstreamUnreachable
 from gateway.limits.clock import Clock
 from gateway.limits.guard import Guard, limits_configured
+from gateway.local.client import LocalBackendClient
+from gateway.local.supervisor import BackendSupervisor
 from gateway.metrics import Metrics
-from gateway.proxy.exchange import usage_tokens
+from gateway.proxy.exchange import Exchange, usage_tokens
+from gateway.proxy.view import RequestView
 from gateway.routing import RouteTable
-from gateway.settings import DEFAULT_UPSTREAM, Settings
+from gateway.settings import DEFAULT_UPSTREAM, Settings, UpstreamSettings
 from gateway.store import Store, open_store
 from gateway.store.writer import LogWriter
-from gateway.upstream import build_upstream
+from gateway.upstream import Upstream, UpstreamRequest, build_upstream
 from gateway.upstream.resilience import ResilientUpstream, make_resilient
 
-if TYPE_CHECKING:
-    from gateway.local.supervisor import BackendSupervisor
-    from gateway.proxy.exchange import Exchange
-
 log = logging.getLogger("understudy")
+
+LOCAL_ENDPOINT = "/v1/chat/completions"
+
+
+def local_upstream_settings(settings: Settings) -> UpstreamSettings:
+    """The local backend as an OpenAI-compatible upstream. Its placeholder key means a
+    client's own key is never handed to the local process."""
+    return UpstreamSettings(base_url=settings.local_base_url, api_key="understudy-local", read_timeout_s=600)
 
 
 class Services:
@@ -47,6 +58,19 @@ class Services:
         )
         self.metrics.log_queue_depth.set_function(lambda: self.writer.depth)
         self.backend: BackendSupervisor | None = None
+        self.local_upstream: Upstream | None = None
+        self.local_client: LocalBackendClient | None = None
+        self.controller: AdaptiveController | None = None
+        if settings.local.enabled:
+            self.local_upstream = build_upstream("local", local_upstream_settings(settings))
+            self.local_client = LocalBackendClient(settings.local_base_url)
+            if any(route.adapt for route in settings.all_routes()):
+                self.controller = AdaptiveController(
+                    settings, self.store, self.metrics, self.local_client, self.call_cloud
+                )
+        # The last client Authorization seen per upstream, kept in memory only (never logged):
+        # with no configured upstream key, background calls (judge, spot checks) borrow it.
+        self._client_auth: dict[str, str] = {}
         self.started = False
 
     async def start(self) -> None:
@@ -58,15 +82,23 @@ class Services:
         if self.guard is not None:
             await self.guard.start()
         if self.settings.manages_local_backend:
-            from gateway.local.supervisor import BackendSupervisor
-
-            self.backend = BackendSupervisor(self.settings)
+            self.backend = BackendSupervisor(self.settings, on_spawn=self._local_restarted)
             await self.backend.start()
+        if self.local_upstream is not None and self.local_client is not None:
+            await self.local_upstream.start()
+            await self.local_client.start()
+        if self.controller is not None:
+            await self.controller.start()
         self.started = True
         log.info("understudy ready: %d routes, store %s", len(self.routes.routes), self.describe_store())
 
     async def stop(self) -> None:
         self.started = False
+        if self.controller is not None:
+            await self.controller.stop()
+        if self.local_upstream is not None and self.local_client is not None:
+            await self.local_upstream.close()
+            await self.local_client.close()
         if self.backend is not None:
             await self.backend.stop()
         for upstream in self.upstreams.values():
@@ -91,11 +123,59 @@ class Services:
             await ex.settle()
         await self.writer.submit(ex.record())
 
+    def _local_restarted(self) -> None:
+        if self.local_client is not None:
+            self.local_client.forget_loaded()
+
+    def remember_client_auth(self, upstream: str, authorization: str | None) -> None:
+        if authorization:
+            self._client_auth[upstream] = authorization
+
+    async def call_cloud(self, route_name: str, body: dict[str, Any], kind: str) -> dict[str, Any]:
+        """A chat completion the gateway makes for itself (a judge's grading, a spot check's
+        reference answer): through the route's upstream, logged with its `kind`, never counted
+        as user traffic. Raises GatewayError unless the upstream answers 200 with JSON."""
+        route = self.routes.by_name[route_name]
+        upstream = self.upstreams[route.upstream]
+        if route.upstream_model and kind != "judge":
+            body = {**body, "model": route.upstream_model}
+        headers = {"content-type": "application/json"}
+        if upstream.api_key is None and route.upstream in self._client_auth:
+            headers["authorization"] = self._client_auth[route.upstream]
+        if upstream.api_key is not None:
+            headers["authorization"] = f"Bearer {upstream.api_key}"
+        raw = orjson.dumps(body)
+        ex = Exchange(method="POST", endpoint=LOCAL_ENDPOINT, route=route_name, kind=kind)
+        ex.model, ex.request_text = str(body.get("model")), raw.decode()
+        view = RequestView(body=body, model=ex.model)
+        try:
+            response = await upstream.send(
+                UpstreamRequest("POST", "/chat/completions", "", headers, raw, view)
+            )
+            ex.status = response.status
+            payload = await response.read()
+        except GatewayError as exc:
+            ex.status, ex.outcome, ex.error = exc.status, "error", exc.message
+            await self.commit(ex)
+            raise
+        ex.response_text = payload.decode("utf-8", "replace")
+        answer = orjson.loads(payload) if response.status == 200 else None
+        if not isinstance(answer, dict):
+            ex.outcome, ex.error = "error", f"upstream answered {response.status}"
+            await self.commit(ex)
+            raise UpstreamUnreachable(f"upstream answered {response.status} to a {kind} call")
+        ex.usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+        await self.commit(ex)
+        return answer
+
     def client_name(self, scope: dict[str, Any]) -> str | None:
         client = scope.get("client")
         return client[0] if client else None
 
     def observe(self, ex: Exchange) -> None:
+        if self.controller is not None and ex.kind == "user":
+            ok = ex.status == 200 and ex.outcome == "ok"
+            self.controller.observe(ex.route, ex.backend, ex.endpoint, ok, ex.request_body, ex.answer)
         metrics = self.metrics
         metrics.requests.labels(ex.route, ex.backend, str(ex.status)).inc()
         metrics.request_duration.labels(ex.route, ex.backend).observe(ex.latency_s)

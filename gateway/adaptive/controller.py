@@ -48,6 +48,7 @@ class RouteRuntime:
     judge: Judge
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_train_check: float = 0.0
+    train_check_pending: bool = False
 
     @property
     def name(self) -> str:
@@ -169,11 +170,9 @@ class AdaptiveController:
         state = runtime.state
         if backend == "cloud" and state.mode == "eval" and state.candidate_version is not None:
             self._spawn_shadow(self._shadow_eval(runtime, request, answer))
-        elif backend == "cloud" and state.mode == "cloud":
-            now = time.monotonic()
-            if now - runtime.last_train_check >= _TRAIN_CHECK_INTERVAL_S:
-                runtime.last_train_check = now
-                self._spawn(self._maybe_train(runtime))
+        elif backend == "cloud" and state.mode == "cloud" and not runtime.train_check_pending:
+            runtime.train_check_pending = True
+            self._spawn(self._train_check_soon(runtime))
         elif backend == "local" and random.random() < runtime.settings.policy.eval_rate:
             self._spawn_shadow(self._spot_check(runtime, request, answer))
 
@@ -188,6 +187,15 @@ class AdaptiveController:
             await coroutine
 
     # --- training ------------------------------------------------------------------------
+
+    async def _train_check_soon(self, runtime: RouteRuntime) -> None:
+        """Count new pairs at most once a second, and always once after the latest answer."""
+        wait = runtime.last_train_check + _TRAIN_CHECK_INTERVAL_S - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        runtime.train_check_pending = False
+        runtime.last_train_check = time.monotonic()
+        await self._maybe_train(runtime)
 
     async def _maybe_train(self, runtime: RouteRuntime, force: bool = False) -> str | None:
         async with runtime.lock:

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import aiohttp
 
@@ -23,8 +24,10 @@ _MAX_BACKOFF_S = 60.0
 
 
 class BackendSupervisor:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, on_spawn: Callable[[], None] | None = None):
         self.settings = settings
+        # Called each time a fresh backend process starts (it has no adapters loaded yet).
+        self.on_spawn = on_spawn or (lambda: None)
         self.process: asyncio.subprocess.Process | None = None
         self.healthy = asyncio.Event()
         self.restarts = 0
@@ -79,6 +82,7 @@ class BackendSupervisor:
             finally:
                 sink.close()  # the child holds its own copy of the descriptor
             log.info("local backend starting (pid %d, log %s)", self.process.pid, log_path)
+            self.on_spawn()
             health = asyncio.create_task(self._wait_healthy())
             code = await self.process.wait()
             health.cancel()

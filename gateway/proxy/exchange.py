@@ -58,7 +58,12 @@ class Exchange:
     usage: dict[str, Any] | None = None
     error: str | None = None
     first_token_at: float | None = None
+    # The parsed request and answer (JSON endpoints), for the learning cycle; never logged twice.
+    request_body: dict[str, Any] | None = None
+    answer: dict[str, Any] | None = None
     client: str | None = None
+    # user: client traffic; judge / shadow: the gateway's own calls.
+    kind: str = "user"
     # OpenAI's x-ratelimit-* headers, set when a configured limit applied to this request.
     limit_headers: list[tuple[bytes, bytes]] | None = None
     # Settles the rate-limit charge on the real usage (set by the limits guard).
@@ -100,4 +105,5 @@ class Exchange:
             usage=None if self.usage is None else orjson.dumps(self.usage).decode(),
             error=self.error,
             client=self.client,
+            kind=self.kind,
         )

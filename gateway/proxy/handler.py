@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.errors import BadUpstreamResponse, GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.errors import (
+    BadUpstreamResponse,
+    CircuitOpen,
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from gateway.limits.headers import merge_rate_limit_headers
 from gateway.proxy.assemble import StreamAssembler
 from gateway.proxy.exchange import Exchange, loggable_body
@@ -29,6 +37,10 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 
 ROUTE_HEADER = b"x-understudy-route"
+# The endpoint a route's local model can answer (and fail over to).
+LOCAL_ENDPOINT = "/v1/chat/completions"
+_LOCAL_HEADERS = ((b"content-type", b"application/json"),)
+FAILOVER_ERRORS = (UpstreamUnreachable, UpstreamTimeout, CircuitOpen)
 _DONE = b"data: [DONE]"
 
 
@@ -109,7 +121,7 @@ class ProxyHandler:
         except GatewayError as exc:
             await self._fail(ex, send, exc)
         finally:
-            metrics.inflight.labels("cloud").dec()
+            metrics.inflight.labels(ex.backend).dec()
             self.services.observe(ex)
 
     async def _handle(self, ex: Exchange, scope: Scope, receive: Any, send: Any) -> None:
@@ -124,11 +136,14 @@ class ProxyHandler:
         view = RequestView.parse(raw, content_type)
         route = self.services.routes.resolve(view.model, _header(headers, ROUTE_HEADER))
         ex.route, ex.model, ex.stream = route.name, view.model, view.stream
+        ex.request_body = view.body
         body = raw
         if route.upstream_model and view.body is not None:
             body = view.with_model(raw, route.upstream_model)
             ex.upstream_model = route.upstream_model
         upstream = self.services.upstreams[route.upstream]
+        if self.services.controller is not None and upstream.api_key is None:
+            self.services.remember_client_auth(route.upstream, _header(headers, b"authorization"))
         request = UpstreamRequest(
             method=ex.method,
             path=upstream_path(scope),
@@ -146,12 +161,77 @@ class ProxyHandler:
     async def _forward(
         self, ex: Exchange, upstream: Upstream, request: UpstreamRequest, receive: Any, send: Any
     ) -> None:
-        response = await upstream.send(request)
+        response = await self._choose_and_send(ex, upstream, request)
         ex.status = response.status
         if response.is_event_stream:
             await self._relay_stream(ex, response, receive, send)
         else:
             await self._relay_whole(ex, response, send)
+
+    async def _choose_and_send(
+        self, ex: Exchange, upstream: Upstream, request: UpstreamRequest
+    ) -> UpstreamResponse:
+        """The local adapter when the route serves locally (the cloud if the local backend
+        fails before answering); else the cloud, failing over to a passed adapter when the
+        cloud fails before the first byte."""
+        controller = self.services.controller
+        if controller is None or ex.endpoint != LOCAL_ENDPOINT or request.view.body is None:
+            return await upstream.send(request)
+        adapter = controller.serving(ex.route)
+        if adapter is not None:
+            try:
+                return await self._send_local(ex, request, adapter, "local")
+            except GatewayError as exc:
+                log.warning("route %s: local backend failed (%s); the cloud answers", ex.route, exc.message)
+        try:
+            response = await upstream.send(request)
+        except FAILOVER_ERRORS as exc:
+            return await self._failover(ex, request, exc)
+        if response.status >= 500:
+            fallback = controller.failover_adapter(ex.route)
+            if fallback is not None:
+                response.close()
+                return await self._failover(
+                    ex, request, UpstreamUnreachable(f"upstream answered {response.status}")
+                )
+        return response
+
+    async def _failover(
+        self, ex: Exchange, request: UpstreamRequest, cause: GatewayError
+    ) -> UpstreamResponse:
+        controller = self.services.controller
+        adapter = controller.failover_adapter(ex.route) if controller is not None else None
+        if adapter is None:
+            raise cause
+        try:
+            response = await self._send_local(ex, request, adapter, "failover")
+        except GatewayError:
+            raise cause from None
+        log.warning("route %s: cloud failed (%s); answered by %s", ex.route, cause.message, adapter)
+        return response
+
+    async def _send_local(
+        self, ex: Exchange, request: UpstreamRequest, adapter: str, label: str
+    ) -> UpstreamResponse:
+        services = self.services
+        assert services.controller is not None and services.local_upstream is not None
+        await services.controller.ensure_loaded(ex.route, adapter)
+        local_request = UpstreamRequest(
+            method=request.method,
+            path=request.path,
+            query=request.query,
+            headers=forward_headers(list(_LOCAL_HEADERS), None),
+            body=request.view.with_model(request.body, adapter),
+            view=request.view,
+        )
+        response = await services.local_upstream.send(local_request)
+        if response.status >= 500:
+            response.close()
+            raise UpstreamUnreachable(f"local backend answered {response.status}")
+        services.metrics.inflight.labels(ex.backend).dec()
+        ex.backend, ex.upstream_model = label, adapter
+        services.metrics.inflight.labels(label).inc()
+        return response
 
     async def _relay_whole(self, ex: Exchange, response: UpstreamResponse, send: Any) -> None:
         payload = await response.read()
@@ -175,6 +255,7 @@ class ProxyHandler:
             raise BadUpstreamResponse("the upstream's answer is not valid JSON") from None
         if not isinstance(answer, dict):
             return
+        ex.answer = answer
         usage = answer.get("usage")
         ex.usage = usage if isinstance(usage, dict) else None
         choices = answer.get("choices")
@@ -203,7 +284,8 @@ class ProxyHandler:
             response.close()
         ex.first_token_at = assembler.first_token_at
         ex.usage = assembler.usage
-        ex.response_text = orjson.dumps(assembler.result()).decode()
+        ex.answer = assembler.result()
+        ex.response_text = orjson.dumps(ex.answer).decode()
         if ex.outcome == "ok" and "length" in assembler.finish_reasons:
             ex.outcome = "truncated"
         if ex.status >= 400 and ex.outcome == "ok":
