@@ -101,6 +101,9 @@ class LocalSettings(_Strict):
     port: int = Field(7000, ge=1, le=65535)
     model: str = DEFAULT_LOCAL_MODEL
     startup_timeout_s: float = Field(300.0, gt=0)
+    # CPU threads for generation. Default: half the cores, because training jobs and the
+    # gateway share the machine and torch slows 5-10x when its threads are oversubscribed.
+    threads: int | None = Field(None, ge=1)
     limits: LimitSettings | None = None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -49,6 +50,8 @@ class BackendSupervisor:
             str(local.port),
             "--data-dir",
             str(self.settings.data_dir),
+            "--threads",
+            str(local.threads or max(1, (os.cpu_count() or 2) // 2)),
         ]
 
     async def start(self) -> None:
