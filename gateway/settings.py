@@ -86,6 +86,21 @@ class RouteSettings(_Strict):
     adapt: bool = False
     local_model: str = DEFAULT_LOCAL_MODEL
     policy: PolicySettings = PolicySettings()
+    # Trainer overrides for this route (epochs, lora_r, learning_rate, max_length, ...): any
+    # field of trainer.spec.TrainSpec except where it runs.
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("training")
+    @classmethod
+    def _valid_training(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from trainer.spec import TrainSpec
+
+        forbidden = {"data", "base_model", "init_adapter"} & set(value)
+        if forbidden:
+            raise ValueError(f"set per job, not per route: {', '.join(sorted(forbidden))}")
+        TrainSpec.model_validate(value)  # names the bad key or value
+        return value
+
     limits: LimitSettings | None = None
 
     def matches(self, model: str) -> bool:

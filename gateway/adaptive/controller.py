@@ -205,7 +205,8 @@ class AdaptiveController:
             )
             if not force and not policy.ready_to_train(state, runtime.settings.policy, count, time.time()):
                 return None
-            job_id = await self.jobs.start(runtime.name, TrainSpec(base_model=runtime.settings.local_model))
+            spec = TrainSpec(base_model=runtime.settings.local_model, **runtime.settings.training)
+            job_id = await self.jobs.start(runtime.name, spec)
             policy.training_started(state, job_id, newest, time.time())
             await self._persist(runtime)
         self._spawn(self._watch_job(runtime, job_id))

@@ -1,0 +1,132 @@
+"""The real loop on the bundled SmolLM2: a narrow task is learned from the cloud's answers,
+the route is promoted by the json_equal judge, and the local model then answers prompts it
+never trained on correctly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import orjson
+import pytest
+
+from gateway.demo import task
+from gateway.fakecloud import FakeCloud, FakeCloudServer
+from gateway.settings import load_settings
+from tests.conftest import RunningGateway, start_gateway
+from tests.gateway.adaptive.test_cycle import _free_port
+
+
+@pytest.fixture
+def extraction_cloud() -> Iterator[FakeCloudServer]:
+    server = FakeCloudServer(FakeCloud(answer=task.cloud_answer)).start()
+    yield server
+    server.stop()
+
+
+def _shared_model_cache(data_dir: Path, model_cache_dir: Path) -> None:
+    """Backend and trainer convert the GGUF under DATA_DIR/models: share one conversion."""
+    (model_cache_dir / "models").mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "models").symlink_to(model_cache_dir / "models")
+
+
+def _start(tmp_path: Path, model_cache_dir: Path, cloud: FakeCloudServer) -> RunningGateway:
+    data_dir = tmp_path / "data"
+    _shared_model_cache(data_dir, model_cache_dir)
+    config = tmp_path / "gateway.yaml"
+    config.write_text("{}\n")
+    settings = load_settings(
+        config,
+        environ={},
+        data_dir=data_dir,
+        upstream={"base_url": cloud.base_url},
+        local={"enabled": True, "port": _free_port(), "startup_timeout_s": 300},
+        routes=[
+            {
+                "name": "extract",
+                "match": ["gpt-4o-mini"],
+                "adapt": True,
+                "policy": {
+                    "min_samples": 40,
+                    "promote_after": 5,
+                    "min_pass_rate": 0.5,
+                    "threshold": 100,
+                    "judge": "json_equal",
+                    "eval_rate": 0.1,
+                    "window": 20,
+                    "demote_after": 3,
+                    "cooldown_s": 0,
+                },
+                "training": {"epochs": 4},
+            }
+        ],
+    )
+    gateway = start_gateway(settings)
+    backend = gateway.app.services.backend
+    assert backend is not None
+    deadline = time.monotonic() + 300
+    while not backend.healthy.is_set():
+        assert time.monotonic() < deadline, "local backend never became healthy"
+        time.sleep(0.5)
+    return gateway
+
+
+def _ask(client: openai.OpenAI, example: task.Example) -> tuple[str, str]:
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=example.messages(),
+        max_tokens=40,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    return raw.headers["x-understudy-backend"], raw.parse().choices[0].message.content or ""
+
+
+def _mode(gateway: RunningGateway) -> dict[str, Any]:
+    controller = gateway.app.services.controller
+    assert controller is not None
+    return controller.describe("extract")
+
+
+@pytest.mark.slow
+def test_smollm2_learns_the_route_and_answers_unseen_prompts(
+    tmp_path: Path, model_cache_dir: Path, extraction_cloud: FakeCloudServer
+) -> None:
+    gateway = _start(tmp_path, model_cache_dir, extraction_cloud)
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-demo", max_retries=0)
+        for example in task.examples(40, seed=1):
+            assert _ask(client, example) == ("cloud", example.answer)
+
+        live = iter(task.examples(200, seed=2))
+        deadline = time.monotonic() + 900
+        while (state := _mode(gateway))["mode"] != "local":
+            assert state["mode"] in ("cloud", "training", "eval"), state["history"]
+            assert not (state["mode"] == "cloud" and state["history"]), f"fell back: {state['history']}"
+            assert time.monotonic() < deadline, f"not promoted in time: {state}"
+            if state["mode"] == "eval":
+                _ask(client, next(live))  # live traffic is shadowed and judged
+            time.sleep(1)
+        assert state["active_adapter"] == 1
+
+        unseen = task.examples(12, seed=3)
+        trained = {e.sentence for e in task.examples(40, seed=1)}
+        assert not trained & {e.sentence for e in unseen}
+        results = [_ask(client, example) for example in unseen]
+        assert {backend for backend, _ in results} == {"local"}
+        correct = sum(
+            _parsed(answer) == orjson.loads(e.answer) for (_, answer), e in zip(results, unseen, strict=True)
+        )
+        assert correct >= 10, [answer for _, answer in results]
+    finally:
+        gateway.stop()
+
+
+def _parsed(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
