@@ -1,0 +1,297 @@
+"""LoRA supervised fine-tuning with transformers' Trainer and peft.
+
+Why the HF Trainer and not a hand loop: it already gets the fiddly parts right (loss
+normalised by label tokens across gradient accumulation, LR warm-up and schedule, bf16
+autocast on CUDA, length-grouped sampling, the eval loop, the path to accelerate for
+multi-GPU), and it costs nothing measurable: `bench/train.py` runs it against a plain
+peft + torch loop on the same data (SmolLM2-135M, batch 4, seq 256, CPU) and the per-step
+time ratio came out at 1.006 side by side (CPU time 0.996).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from local_backend.loading import ModelNotFoundError, default_dtype, load_model, pick_device
+from trainer.chat_format import IGNORE_INDEX, TemplateMismatch, tokenize_sample
+from trainer.dataset import load_chat_dataset
+from trainer.errors import DataError, ModelLoadError
+from trainer.spec import TrainSpec, default_threads, epochs_for
+
+log = logging.getLogger(__name__)
+
+Report = Callable[..., object]
+MAX_HISTORY_POINTS = 200
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run measured; goes into meta.json."""
+
+    epochs: int
+    total_steps: int
+    train_examples: int
+    heldout_examples: int
+    dropped_examples: int
+    train_loss: float | None
+    eval_loss: float | None
+    train_seconds: float
+    seconds_per_step: float
+    samples_per_second: float
+    device: str
+    dtype: str
+    base_model_path: str
+    lora: dict[str, Any]
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class LoadedBase:
+    model: Any
+    tokenizer: Any
+    path: str
+    device: str
+    dtype: str
+
+
+class ProgressCallback(TrainerCallback):
+    """Forwards step, epoch and loss to the job's status file on every log event."""
+
+    def __init__(self, report: Report, total_epochs: int) -> None:
+        self.report = report
+        self.total_epochs = total_epochs
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.report(message="training", total_steps=state.max_steps, total_epochs=self.total_epochs)
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
+    ) -> None:
+        changes: dict[str, Any] = {
+            "current_step": state.global_step,
+            "current_epoch": round(state.epoch or 0.0, 3),
+        }
+        for key in ("loss", "eval_loss"):
+            if logs and key in logs:
+                changes[key] = round(float(logs[key]), 5)
+        self.report(**changes)
+
+
+class PadCollator:
+    """Right-pads a batch to its longest example (not to a fixed length: on CPU the cost is
+    linear in padded tokens)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        fills = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        return {
+            key: torch.tensor([f[key] + [fill] * (width - len(f[key])) for f in features], dtype=torch.long)
+            for key, fill in fills.items()
+        }
+
+
+def quiet_progress_bars() -> None:
+    """Progress bars are noise in a job log; the status file carries the progress."""
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    # Raised by the Trainer's own internals in transformers 5.x; nothing for us to change.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def load_base(spec: TrainSpec, cache_root: Path) -> LoadedBase:
+    """The base model and tokenizer on the chosen device (CUDA + bf16 when present)."""
+    device = pick_device(spec.device)
+    dtype = default_dtype(device)
+    if device == "cpu":
+        torch.set_num_threads(spec.threads or default_threads())
+    try:
+        model, tokenizer, source = load_model(spec.base_model, cache_root, device=device, dtype=dtype)
+    except (ModelNotFoundError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load base model {spec.base_model!r}: {exc}") from exc
+    if not tokenizer.chat_template:
+        raise ModelLoadError(f"base model {spec.base_model!r} has no chat template")
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return LoadedBase(model, tokenizer, str(source.folder), device, dtype)
+
+
+def attach_lora(model: Any, spec: TrainSpec) -> PeftModel:
+    """A fresh LoRA per the spec, or the `init_adapter` made trainable again."""
+    set_seed(spec.seed)  # LoRA's A matrices are random: seed before creating them
+    if spec.init_adapter is not None:
+        try:
+            return PeftModel.from_pretrained(model, str(spec.init_adapter), is_trainable=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"cannot continue from adapter {spec.init_adapter}: {exc}") from exc
+    config = LoraConfig(
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=spec.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def lora_summary(model: PeftModel) -> dict[str, Any]:
+    config: Any = model.peft_config["default"]
+    targets = config.target_modules
+    if isinstance(targets, set | list):
+        # "all-linear" expands to one entry per layer; the projection names say enough.
+        targets = sorted({name.rsplit(".", 1)[-1] for name in targets})
+    return {
+        "r": config.r,
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "target_modules": targets,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def tokenize_dataset(dataset: Dataset, tokenizer: Any, max_length: int) -> tuple[Dataset, int]:
+    """(tokenized dataset with a `length` column, examples dropped): an example is dropped
+    when no answer token survives the cut or its template renders prefixes inconsistently."""
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": [], "length": []}
+        for messages, tools in zip(batch["messages"], batch["tools"], strict=True):
+            try:
+                encoded = tokenize_sample(tokenizer, {"messages": messages, "tools": tools}, max_length)
+            except TemplateMismatch:
+                encoded = None
+            if encoded is not None:
+                for key, value in encoded.items():
+                    out[key].append(value)
+                out["length"].append(len(encoded["input_ids"]))
+        return out
+
+    tokenized = dataset.map(encode, batched=True, remove_columns=dataset.column_names, keep_in_memory=True)
+    return tokenized, len(dataset) - len(tokenized)
+
+
+def training_arguments(
+    spec: TrainSpec, output_dir: Path, base: LoadedBase, epochs: int, has_eval: bool
+) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        num_train_epochs=epochs,
+        max_steps=spec.max_steps or -1,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type=spec.lr_scheduler,
+        warmup_steps=spec.warmup_ratio,  # a value below 1 is a ratio of the total steps
+        weight_decay=spec.weight_decay,
+        logging_strategy="steps",
+        logging_steps=1,
+        eval_strategy="epoch" if spec.eval_each_epoch and has_eval else "no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        use_cpu=base.device == "cpu",
+        bf16=base.dtype == "bfloat16",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        train_sampling_strategy="group_by_length" if spec.group_by_length else "random",
+        activation_checkpointing=spec.gradient_checkpointing,
+        dataloader_pin_memory=base.device != "cpu",
+    )
+
+
+def _loss_history(trainer: Trainer, keep: int = MAX_HISTORY_POINTS) -> list[dict[str, float]]:
+    """Logged training losses, thinned to about `keep` points (the last one always kept)."""
+    points = [
+        {"step": entry["step"], "loss": round(float(entry["loss"]), 5)}
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+    stride = max(1, -(-len(points) // keep))
+    thinned = points[::stride]
+    if points and thinned[-1] is not points[-1]:
+        thinned.append(points[-1])
+    return thinned
+
+
+def train_adapter(
+    train_path: Path,
+    heldout_path: Path,
+    spec: TrainSpec,
+    output_dir: Path,
+    cache_root: Path,
+    report: Report,
+) -> TrainResult:
+    """Train a LoRA adapter on `train_path`, measure eval loss on `heldout_path`, and save the
+    adapter (peft format) into `output_dir`."""
+    quiet_progress_bars()
+    report(message="loading base model")
+    base = load_base(spec, cache_root)
+    scratch = output_dir / ".scratch"  # datasets cache and Trainer output; not part of the adapter
+    datasets_cache = scratch / "datasets"
+    train_set, dropped = tokenize_dataset(
+        load_chat_dataset(train_path, datasets_cache), base.tokenizer, spec.max_length
+    )
+    heldout_set, dropped_heldout = tokenize_dataset(
+        load_chat_dataset(heldout_path, datasets_cache), base.tokenizer, spec.max_length
+    )
+    if len(train_set) == 0:
+        raise DataError("no training example has an answer left after tokenization")
+    epochs = spec.epochs or epochs_for(len(train_set))
+    model = attach_lora(base.model, spec)
+    if spec.gradient_checkpointing:
+        model.enable_input_require_grads()
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(spec, scratch / "trainer", base, epochs, len(heldout_set) > 0),
+        train_dataset=train_set,
+        eval_dataset=heldout_set if len(heldout_set) else None,
+        data_collator=PadCollator(base.tokenizer.pad_token_id),
+        callbacks=[ProgressCallback(report, epochs)],
+    )
+    started = time.perf_counter()
+    output = trainer.train()
+    train_seconds = time.perf_counter() - started
+    eval_loss = None
+    if len(heldout_set):
+        report(message="evaluating on the held-out split")
+        eval_loss = round(float(trainer.evaluate()["eval_loss"]), 5)
+        report(eval_loss=eval_loss)
+    model.save_pretrained(str(output_dir))
+    shutil.rmtree(scratch, ignore_errors=True)
+    steps = trainer.state.global_step
+    return TrainResult(
+        epochs=epochs,
+        total_steps=steps,
+        train_examples=len(train_set),
+        heldout_examples=len(heldout_set),
+        dropped_examples=dropped + dropped_heldout,
+        train_loss=round(float(output.training_loss), 5),
+        eval_loss=eval_loss,
+        train_seconds=round(train_seconds, 3),
+        seconds_per_step=round(train_seconds / max(steps, 1), 4),
+        samples_per_second=round(float(output.metrics.get("train_samples_per_second", 0.0)), 3),
+        device=base.device,
+        dtype=base.dtype,
+        base_model_path=base.path,
+        lora=lora_summary(model),
+        loss_history=_loss_history(trainer),
+    )
