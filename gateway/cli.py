@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from gateway.settings import ConfigError, load_settings
 
@@ -64,6 +65,14 @@ def _train(argv: list[str]) -> int:
     return trainer_main(argv)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo.run import run_demo
+
+    logging.basicConfig(level=logging.WARNING)
+    root = args.data_dir or os.environ.get("UNDERSTUDY_DATA_DIR") or ".understudy"
+    return run_demo(Path(root), keep=args.keep)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="understudy", description="A learning OpenAI-API gateway.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    demo = commands.add_parser("demo", help="offline showcase: watch a route learn and go local")
+    demo.add_argument("--data-dir", help="where the demo works (default $UNDERSTUDY_DATA_DIR or .understudy)")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's logs and adapters afterwards")
     commands.add_parser(
         "backend", help="run the local model server (see: understudy backend --help)", add_help=False
     )
@@ -90,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "demo":
+        return _demo(args)
     return 2
 
 
