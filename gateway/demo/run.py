@@ -30,7 +30,7 @@ ROUTE = "extract"
 CLOUD_MODEL = "gpt-4o-mini"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -42,7 +42,7 @@ def demo_settings(data_dir: Path, cloud_url: str, port: int, min_samples: int) -
             "port": port,
             "data_dir": data_dir,
             "upstream": {"base_url": cloud_url},
-            "local": {"enabled": True, "port": _free_port()},
+            "local": {"enabled": True, "port": free_port()},
             "routes": [
                 {
                     "name": ROUTE,
@@ -111,7 +111,7 @@ class Demo:
 
     def run(self) -> Traffic:
         self.cloud.start()
-        port = _free_port()
+        port = free_port()
         app = create_app(demo_settings(self.workdir, self.cloud.base_url, port, self.min_samples))
         gateway = GatewayThread(app, port)
         gateway.start()
@@ -145,7 +145,7 @@ class Demo:
         if backend != "cloud":
             answer = raw.parse().choices[0].message.content or ""
             self.traffic.local_total += 1
-            self.traffic.local_correct += _same_json(answer, example.answer)
+            self.traffic.local_correct += same_json(answer, example.answer)
         return backend
 
     def _learn(self, app: UnderstudyApp, client: openai.OpenAI) -> None:
@@ -186,7 +186,7 @@ class Demo:
         self.say(f"next 30 requests: {served['local']} answered locally, {served['cloud']} by the cloud")
 
 
-def _same_json(answer: str, expected: str) -> bool:
+def same_json(answer: str, expected: str) -> bool:
     try:
         return bool(orjson.loads(answer) == orjson.loads(expected))
     except orjson.JSONDecodeError:
