@@ -101,16 +101,19 @@ def test_smollm2_learns_the_route_and_answers_unseen_prompts(
         for example in task.examples(40, seed=1):
             assert _ask(client, example) == ("cloud", example.answer)
 
-        live = iter(task.examples(200, seed=2))
-        deadline = time.monotonic() + 900
+        # A ~92%-accurate first adapter fails its 5-in-a-row eval about a third of the time;
+        # the cycle then collects more answers and retrains, as designed. Allow a few rounds.
+        live = iter(task.examples(2000, seed=2))
+        deadline = time.monotonic() + 1500
         while (state := _mode(gateway))["mode"] != "local":
-            assert state["mode"] in ("cloud", "training", "eval"), state["history"]
-            assert not (state["mode"] == "cloud" and state["history"]), f"fell back: {state['history']}"
             assert time.monotonic() < deadline, f"not promoted in time: {state}"
-            if state["mode"] == "eval":
-                _ask(client, next(live))  # live traffic is shadowed and judged
-            time.sleep(1)
-        assert state["active_adapter"] == 1
+            fallbacks = [h for h in state["history"] if h["to"] == "cloud"]
+            assert all("eval failed" in h["reason"] for h in fallbacks), fallbacks
+            assert len(fallbacks) <= 3, f"still failing eval after {len(fallbacks)} adapters"
+            if state["mode"] in ("cloud", "eval"):
+                _ask(client, next(live))  # cloud answers are logged; eval shadows them
+            time.sleep(0.2 if state["mode"] == "cloud" else 1)
+        assert state["active_adapter"] >= 1
 
         unseen = task.examples(12, seed=3)
         trained = {e.sentence for e in task.examples(40, seed=1)}
