@@ -106,10 +106,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start_gateway_process(tmp_path: Path, upstream: str) -> tuple[subprocess.Popen[bytes], str]:
+def _start_gateway_process(
+    tmp_path: Path, upstream: str, extra_config: str = ""
+) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     config = tmp_path / "gateway.yaml"
-    config.write_text(f"upstream:\n  base_url: {upstream}\nlocal:\n  enabled: false\n")
+    config.write_text(f"upstream:\n  base_url: {upstream}\nlocal:\n  enabled: false\n{extra_config}")
     env = {**os.environ, "UNDERSTUDY_DATA_DIR": str(tmp_path / "data")}
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)],

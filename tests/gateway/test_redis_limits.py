@@ -93,3 +93,34 @@ async def test_redis_limiter_is_all_or_nothing(redis_url: str) -> None:
         assert (await limiter.acquire([Charge(tokens, 10)])).allowed
     finally:
         await limiter.close()
+
+
+async def test_two_gateway_processes_share_one_limit(tmp_path: Any, redis_url: str, fake_cloud: Any) -> None:
+    """Two real `understudy serve` processes (separate interpreters, real clocks) on one Redis."""
+    from tests.gateway.test_logging import _start_gateway_process
+
+    extra = (
+        f"redis_url: {redis_url}\nauth:\n  keys:\n    - name: alice\n      key: sk-alice\n"
+        "      limits: {rpm: 600}\n"
+    )
+    processes = []
+    try:
+        for name in ("a", "b"):
+            workdir = tmp_path / name
+            workdir.mkdir()
+            processes.append(_start_gateway_process(workdir, fake_cloud.base_url, extra))
+        urls = [url for _, url in processes]
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            replies = [await chat(session, url, "sk-alice") for _ in range(20) for url in urls]
+        elapsed = time.monotonic() - started
+    finally:
+        for process, _ in processes:
+            process.terminate()
+            process.wait()
+    admitted = sum(r.status == 200 for r in replies)
+    # 600 rpm, 2 s burst: 20 at once for the pair, refilling at 10/s while we send; two
+    # separate in-memory limits would have admitted all 40.
+    assert 20 <= admitted <= 20 + int(10 * elapsed) + 1, (admitted, elapsed)
+    assert admitted < 40
+    assert all(r.status in (200, 429) for r in replies)
