@@ -14,10 +14,9 @@ import orjson
 import pytest
 
 from gateway.demo import task
+from gateway.demo.run import CLOUD_MODEL, ROUTE, demo_settings
 from gateway.fakecloud import FakeCloud, FakeCloudServer
-from gateway.settings import load_settings
 from tests.conftest import RunningGateway, start_gateway
-from tests.gateway.adaptive.test_cycle import _free_port
 
 
 @pytest.fixture
@@ -37,34 +36,8 @@ def _shared_model_cache(data_dir: Path, model_cache_dir: Path) -> None:
 def _start(tmp_path: Path, model_cache_dir: Path, cloud: FakeCloudServer) -> RunningGateway:
     data_dir = tmp_path / "data"
     _shared_model_cache(data_dir, model_cache_dir)
-    config = tmp_path / "gateway.yaml"
-    config.write_text("{}\n")
-    settings = load_settings(
-        config,
-        environ={},
-        data_dir=data_dir,
-        upstream={"base_url": cloud.base_url},
-        local={"enabled": True, "port": _free_port(), "startup_timeout_s": 300},
-        routes=[
-            {
-                "name": "extract",
-                "match": ["gpt-4o-mini"],
-                "adapt": True,
-                "policy": {
-                    "min_samples": 40,
-                    "promote_after": 5,
-                    "min_pass_rate": 0.5,
-                    "threshold": 100,
-                    "judge": "json_equal",
-                    "eval_rate": 0.1,
-                    "window": 20,
-                    "demote_after": 3,
-                    "cooldown_s": 0,
-                },
-                "training": {"epochs": 4},
-            }
-        ],
-    )
+    # The same route the demo shows: json_equal judge, 40 samples, promote after 5 passes.
+    settings = demo_settings(data_dir, cloud.base_url, port=0, min_samples=40)
     gateway = start_gateway(settings)
     backend = gateway.app.services.backend
     assert backend is not None
@@ -77,7 +50,7 @@ def _start(tmp_path: Path, model_cache_dir: Path, cloud: FakeCloudServer) -> Run
 
 def _ask(client: openai.OpenAI, example: task.Example) -> tuple[str, str]:
     raw = client.chat.completions.with_raw_response.create(
-        model="gpt-4o-mini",
+        model=CLOUD_MODEL,
         messages=example.messages(),
         max_tokens=40,
         temperature=0,  # type: ignore[arg-type]
@@ -88,7 +61,7 @@ def _ask(client: openai.OpenAI, example: task.Example) -> tuple[str, str]:
 def _mode(gateway: RunningGateway) -> dict[str, Any]:
     controller = gateway.app.services.controller
     assert controller is not None
-    return controller.describe("extract")
+    return controller.describe(ROUTE)
 
 
 @pytest.mark.slow
