@@ -18,6 +18,7 @@ from gateway.limits.guard import Guard, limits_configured
 from gateway.local.client import LocalBackendClient
 from gateway.local.supervisor import BackendSupervisor
 from gateway.metrics import Metrics
+from gateway.pricing import CostMeter, PriceBook
 from gateway.proxy.exchange import Exchange, usage_tokens
 from gateway.proxy.view import RequestView
 from gateway.routing import RouteTable
@@ -32,6 +33,11 @@ log = logging.getLogger("understudy")
 LOCAL_ENDPOINT = "/v1/chat/completions"
 
 
+async def _send_read(upstream: Upstream, request: UpstreamRequest) -> tuple[int, bytes]:
+    response = await upstream.send(request)
+    return response.status, await response.read()
+
+
 def local_upstream_settings(settings: Settings) -> UpstreamSettings:
     """The local backend as an OpenAI-compatible upstream. Its placeholder key means a
     client's own key is never handed to the local process."""
@@ -42,6 +48,7 @@ class Services:
     def __init__(self, settings: Settings, clock: Clock | None = None):
         self.settings = settings
         self.metrics = Metrics()
+        self.costs = CostMeter(self.metrics, PriceBook())
         self.routes = RouteTable(settings.all_routes())
         self.upstreams: dict[str, ResilientUpstream] = {
             name: make_resilient(build_upstream(name, cfg), cfg, self.metrics, clock)
@@ -56,7 +63,7 @@ class Services:
             on_written=self.metrics.log_records.inc,
             on_lost=self.metrics.log_write_errors.inc,
         )
-        self.metrics.log_queue_depth.set_function(lambda: self.writer.depth)
+        self.metrics.track(self.metrics.log_queue_depth, lambda: self.writer.depth)
         self.backend: BackendSupervisor | None = None
         self.local_upstream: Upstream | None = None
         self.local_client: LocalBackendClient | None = None
@@ -68,6 +75,7 @@ class Services:
                 self.controller = AdaptiveController(
                     settings, self.store, self.metrics, self.local_client, self.call_cloud
                 )
+        self.metrics.declare_routes(r.name for r in self.routes.routes if not (r.adapt and self.controller))
         # The last client Authorization seen per upstream, kept in memory only (never logged):
         # with no configured upstream key, background calls (judge, spot checks) borrow it.
         self._client_auth: dict[str, str] = {}
@@ -76,6 +84,7 @@ class Services:
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.store.open)
+        await asyncio.to_thread(self.costs.prices.load)  # so no request pays for reading it
         self.writer.start(asyncio.get_running_loop())
         for upstream in self.upstreams.values():
             await upstream.start()
@@ -148,23 +157,28 @@ class Services:
         ex = Exchange(method="POST", endpoint=LOCAL_ENDPOINT, route=route_name, kind=kind)
         ex.model, ex.request_text = str(body.get("model")), raw.decode()
         view = RequestView(body=body, model=ex.model)
+        request = UpstreamRequest("POST", "/chat/completions", "", headers, raw, view)
         try:
-            response = await upstream.send(
-                UpstreamRequest("POST", "/chat/completions", "", headers, raw, view)
-            )
-            ex.status = response.status
-            payload = await response.read()
+            if self.guard is None:
+                ex.status, payload = await _send_read(upstream, request)
+            else:  # the gateway's own calls obey the route's and upstream's limits too
+                async with self.guard.admit(ex, None, route, view, route.upstream):
+                    ex.status, payload = await _send_read(upstream, request)
         except GatewayError as exc:
             ex.status, ex.outcome, ex.error = exc.status, "error", exc.message
             await self.commit(ex)
             raise
         ex.response_text = payload.decode("utf-8", "replace")
-        answer = orjson.loads(payload) if response.status == 200 else None
+        try:
+            answer = orjson.loads(payload) if ex.status == 200 else None
+        except orjson.JSONDecodeError:
+            answer = None
         if not isinstance(answer, dict):
-            ex.outcome, ex.error = "error", f"upstream answered {response.status}"
+            ex.outcome, ex.error = "error", f"upstream answered {ex.status}"
             await self.commit(ex)
-            raise UpstreamUnreachable(f"upstream answered {response.status} to a {kind} call")
+            raise UpstreamUnreachable(f"upstream answered {ex.status} to a {kind} call")
         ex.usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+        self.costs.record(route, "cloud", ex.model, *usage_tokens(ex.usage))
         await self.commit(ex)
         return answer
 
@@ -188,3 +202,6 @@ class Services:
                 metrics.tokens.labels(ex.route, ex.backend, "prompt").inc(prompt)
             if completion:
                 metrics.tokens.labels(ex.route, ex.backend, "completion").inc(completion)
+            if ex.status < 400:
+                model = ex.model if ex.backend != "cloud" else ex.upstream_model or ex.model
+                self.costs.record(self.routes.by_name[ex.route], ex.backend, model, prompt, completion)
