@@ -2,12 +2,21 @@
 
 Labels are bounded: `route` comes from the config, `backend` and `code` from small fixed sets,
 never raw model strings or user ids from clients.
+
+Multi-process safe: when PROMETHEUS_MULTIPROC_DIR is set (prometheus_client's own switch, read
+by it at import), every worker writes its values to files there and /metrics aggregates them
+with the multiprocess collector; each gauge says how workers combine.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # LLM latencies span 5 ms (a cached or tiny answer) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
@@ -17,6 +26,10 @@ PREFIX = "understudy_"
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        # Function-backed gauges are read at scrape time; in multiprocess mode they are copied
+        # into their (file-backed) value just before each scrape instead.
+        self._refreshers: list[Callable[[], None]] = []
         r = self.registry
         self.requests = Counter(
             f"{PREFIX}requests", "Requests answered", ["route", "backend", "code"], registry=r
@@ -39,11 +52,27 @@ class Metrics:
         self.rate_limited = Counter(
             f"{PREFIX}rate_limited", "Requests refused by a limit", ["scope"], registry=r
         )
-        self.inflight = Gauge(f"{PREFIX}inflight_requests", "Requests in flight", ["backend"], registry=r)
-        self.route_mode = Gauge(
-            f"{PREFIX}route_mode", "1 for the route's current mode", ["route", "mode"], registry=r
+        self.inflight = Gauge(
+            f"{PREFIX}inflight_requests",
+            "Requests in flight",
+            ["backend"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
-        self.eval_score = Gauge(f"{PREFIX}eval_score", "Rolling mean judge score", ["route"], registry=r)
+        self.route_mode = Gauge(
+            f"{PREFIX}route_mode",
+            "1 for the route's current mode",
+            ["route", "mode"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.eval_score = Gauge(
+            f"{PREFIX}eval_score",
+            "Rolling mean judge score",
+            ["route"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
         self.evals = Counter(f"{PREFIX}evals", "Judged evaluations", ["route", "result"], registry=r)
         self.training_jobs = Counter(
             f"{PREFIX}training_jobs", "Training jobs by final status", ["route", "status"], registry=r
@@ -54,18 +83,62 @@ class Metrics:
             "1 while the upstream's circuit breaker is open",
             ["upstream"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.queue_depth = Gauge(
-            f"{PREFIX}queue_depth", "Requests waiting for a concurrency slot", ["pool"], registry=r
+            f"{PREFIX}queue_depth",
+            "Requests waiting for a concurrency slot",
+            ["pool"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.log_records = Counter(f"{PREFIX}log_records", "Log records committed to the store", registry=r)
         self.log_write_errors = Counter(
             f"{PREFIX}log_write_errors", "Log records lost (could not be written)", registry=r
         )
         self.log_queue_depth = Gauge(
-            f"{PREFIX}log_queue_depth", "Log records waiting for the store", registry=r
+            f"{PREFIX}log_queue_depth",
+            "Log records waiting for the store",
+            registry=r,
+            multiprocess_mode="livesum",
         )
-        self.cost = Counter(f"{PREFIX}cost_usd", "Estimated spend in USD", ["route", "backend"], registry=r)
+        self.cost = Counter(
+            f"{PREFIX}cost_usd",
+            "Estimated upstream spend in USD (litellm's price map; local answers cost 0)",
+            ["route", "backend"],
+            registry=r,
+        )
+        self.cost_saved = Counter(
+            f"{PREFIX}cost_saved_usd",
+            "Estimated USD the cloud would have charged for the answers served locally",
+            ["route"],
+            registry=r,
+        )
+
+    def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """Make `gauge` report `read()` at each scrape."""
+        if self.multiprocess_dir:
+            self._refreshers.append(lambda: gauge.set(read()))
+        else:
+            gauge.set_function(read)
+
+    def declare_routes(self, cloud_only: Iterable[str]) -> None:
+        """Routes that never adapt are always in mode `cloud`: say so, like adaptive ones."""
+        for route in cloud_only:
+            self.route_mode.labels(route, "cloud").set(1)
+
+    def _scraped_registry(self) -> CollectorRegistry:
+        if not self.multiprocess_dir:
+            return self.registry
+        for refresh in self._refreshers:
+            refresh()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.multiprocess_dir)
+        return registry
+
+    def families(self) -> Iterable[Metric]:
+        """Every metric family as a scrape sees it (all workers' in multiprocess mode)."""
+        return self._scraped_registry().collect()
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self._scraped_registry()), CONTENT_TYPE_LATEST

@@ -1,0 +1,147 @@
+"""What a request cost, from litellm's bundled price map, without importing litellm.
+
+litellm ships its model price map as a JSON file inside the package; reading that file is
+offline and takes a few tens of milliseconds once, where `import litellm` takes seconds. The
+map is keyed by model name; a price is looked up once per model string and cached (bounded,
+since clients choose those strings).
+
+`CostMeter` turns each answered request into `understudy_cost_usd_total{route,backend}`
+(the cloud's price; local and failover answers cost 0) and
+`understudy_cost_saved_usd_total{route}` (what the cloud would have charged for the tokens
+the local model served, priced as the route's upstream model).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.metrics import Metrics
+from gateway.settings import RouteSettings
+
+log = logging.getLogger("understudy.pricing")
+
+PRICE_MAP_FILE = "model_prices_and_context_window_backup.json"
+_CACHE_LIMIT = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    input_per_token: float
+    output_per_token: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return prompt_tokens * self.input_per_token + completion_tokens * self.output_per_token
+
+
+def bundled_price_map() -> Path | None:
+    """litellm's bundled price map file, found without importing litellm (None if absent)."""
+    spec = importlib.util.find_spec("litellm")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / PRICE_MAP_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _price_of(entry: Any) -> ModelPrice | None:
+    if not isinstance(entry, dict):
+        return None
+    prompt, completion = entry.get("input_cost_per_token"), entry.get("output_cost_per_token")
+    if not isinstance(prompt, int | float) and not isinstance(completion, int | float):
+        return None
+    return ModelPrice(float(prompt or 0.0), float(completion or 0.0))
+
+
+class PriceBook:
+    """Per-token prices by model name. The file is read on first use, once."""
+
+    def __init__(self, path: Path | None = None):
+        self._path = path
+        self._prices: dict[str, ModelPrice] | None = None
+        self._resolved: dict[str, ModelPrice | None] = {}
+        self._lock = threading.Lock()
+
+    def load(self) -> dict[str, ModelPrice]:
+        """The price table, reading the map file on the first call (safe from any thread)."""
+        if self._prices is None:
+            with self._lock:
+                if self._prices is None:
+                    self._prices = self._read()
+        return self._prices
+
+    def _read(self) -> dict[str, ModelPrice]:
+        path = self._path or bundled_price_map()
+        if path is None:
+            log.warning("litellm's price map is not installed: costs are reported as 0")
+            return {}
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the price map %s (%s): costs are reported as 0", path, exc)
+            return {}
+        table = {name: price for name, entry in raw.items() if (price := _price_of(entry)) is not None}
+        return table
+
+    def price(self, model: str | None) -> ModelPrice | None:
+        """The price of `model`: exact name, else lower-cased, else without a provider prefix
+        (`openai/gpt-4o-mini` → `gpt-4o-mini`). None when the map does not know it."""
+        if not model:
+            return None
+        if model in self._resolved:
+            return self._resolved[model]
+        prices = self.load()
+        found = next(
+            (prices[name] for name in _candidates(model) if name in prices),
+            None,
+        )
+        if found is None:
+            log.warning("no price for model %r in litellm's price map: its cost counts as 0", model[:80])
+        if len(self._resolved) >= _CACHE_LIMIT:
+            self._resolved.clear()
+        self._resolved[model] = found
+        return found
+
+    def cost(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> float:
+        price = self.price(model)
+        return 0.0 if price is None else price.cost(prompt_tokens, completion_tokens)
+
+
+def _candidates(model: str) -> list[str]:
+    names = [model, model.lower()]
+    if "/" in model:
+        names.append(model.rsplit("/", 1)[1])
+        names.append(names[-1].lower())
+    return names
+
+
+class CostMeter:
+    """Prices each answer into the cost metrics. Labels are config route names and the fixed
+    backend set, never client model strings."""
+
+    def __init__(self, metrics: Metrics, prices: PriceBook):
+        self.metrics = metrics
+        self.prices = prices
+
+    def record(
+        self,
+        route: RouteSettings,
+        backend: str,
+        model: str | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+    ) -> None:
+        """One answer: `model` is what the cloud was asked for (for a cloud answer)."""
+        prompt, completion = prompt_tokens or 0, completion_tokens or 0
+        spent = self.metrics.cost.labels(route.name, backend)
+        if backend == "cloud":
+            spent.inc(self.prices.cost(model, prompt, completion))
+            return
+        spent.inc(0)  # the local model costs no API money; keep the series visible
+        saved = self.prices.cost(route.upstream_model or model, prompt, completion)
+        self.metrics.cost_saved.labels(route.name).inc(saved)
