@@ -64,6 +64,10 @@ class PolicySettings(_Strict):
 
     min_samples: int = Field(200, ge=1)
     threshold: float = Field(70.0, ge=0, le=100)
+    # While local, demote when the rolling mean score falls below this (default: threshold).
+    # Pass/fail judges (exact, json_equal) score 0 or 100, so with threshold 100 the default
+    # demotes on the first failed spot check; a lower bar here tolerates a small error rate.
+    min_rolling_score: float | None = Field(None, ge=0, le=100)
     promote_after: int = Field(20, ge=1)
     # Promotion also needs the 95% lower bound of the eval pass rate to clear this, so one
     # lucky streak on a noisy judge does not promote.

@@ -173,7 +173,8 @@ def record_spot_check(state: RouteState, policy: PolicySettings, outcome: EvalOu
     state.window.append((outcome.passed, outcome.score))
     fails = sum(1 for passed, _ in state.window if not passed)
     rolling = state.rolling_score or 0.0
-    if rolling < policy.threshold:
-        transition(state, "cloud", f"rolling score {rolling:.1f} fell below {policy.threshold:.0f}", now)
+    bar = policy.threshold if policy.min_rolling_score is None else policy.min_rolling_score
+    if rolling < bar:
+        transition(state, "cloud", f"rolling score {rolling:.1f} fell below {bar:.0f}", now)
     elif fails >= policy.demote_after:
         transition(state, "cloud", f"{fails} failed spot checks in the last {len(state.window)}", now)

@@ -88,3 +88,13 @@ def test_pins_and_serialisation_round_trip() -> None:
     assert copy.rolling_score == 45.0 and copy.pass_rate == 0.5
     unpinned_without_adapter = RouteState("r", pinned="local")
     assert unpinned_without_adapter.serving_mode == "cloud"
+
+
+def test_binary_judges_tolerate_a_small_error_rate_with_min_rolling_score() -> None:
+    strict = PolicySettings(threshold=100, demote_after=5, window=20)
+    tolerant = PolicySettings(threshold=100, min_rolling_score=80, demote_after=5, window=20)
+    for policy, expected in ((strict, "cloud"), (tolerant, "local")):
+        state = RouteState("r", mode="local", active_version=1)
+        state.window.extend([(True, 100.0)] * 9)
+        record_spot_check(state, policy, EvalOutcome(False, 0.0), now=1)  # one miss in ten: 90
+        assert state.mode == expected
