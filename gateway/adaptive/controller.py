@@ -268,13 +268,13 @@ class AdaptiveController:
         await self._evaluate(runtime, "spot", version, request, cloud, local)
 
     async def _local_answer(
-        self, runtime: RouteRuntime, version: int, request: dict[str, Any]
+        self, runtime: RouteRuntime, version: int, request: dict[str, Any], cloud: dict[str, Any]
     ) -> dict[str, Any]:
         name = adapter_name(runtime.name, version)
         await self.local.ensure_adapter(name, self.adapters.path(runtime.name, version))
         body = {k: v for k, v in request.items() if k not in ("stream", "stream_options", "n")}
         body["model"] = name
-        body["max_tokens"] = min(int(body.get("max_tokens") or _LOCAL_MAX_TOKENS), _LOCAL_MAX_TOKENS)
+        body["max_tokens"] = eval_max_tokens(request, cloud)
         return await self.local.chat(body)
 
     async def _evaluate(
@@ -291,7 +291,7 @@ class AdaptiveController:
         error: str | None = None
         try:
             if local is None:
-                local = await self._local_answer(runtime, version, request)
+                local = await self._local_answer(runtime, version, request, cloud)
             verdict = await runtime.judge.judge(request, cloud, local)
         except (JudgeError, LocalBackendError) as exc:
             error = str(exc)
@@ -410,6 +410,15 @@ class AdaptiveController:
         score = runtime.state.rolling_score
         if score is not None:
             self.metrics.eval_score.labels(runtime.name).set(score)
+
+
+def eval_max_tokens(request: dict[str, Any], cloud: dict[str, Any]) -> int:
+    """The local answer's token budget: the request's own, else (held-out samples carry none)
+    room for an answer about twice as long as the cloud's; never beyond _LOCAL_MAX_TOKENS."""
+    asked = request.get("max_tokens") or request.get("max_completion_tokens")
+    if isinstance(asked, int) and asked > 0:
+        return min(asked, _LOCAL_MAX_TOKENS)
+    return min(_LOCAL_MAX_TOKENS, max(32, len(answer_text(cloud)) // 2))
 
 
 def _read_heldout(path: Path) -> list[list[dict[str, Any]]]:
