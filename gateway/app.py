@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 
 from gateway.errors import GatewayError
 from gateway.limits.clock import Clock
@@ -19,7 +20,8 @@ from gateway.proxy.handler import ProxyHandler
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.web import admin, health
-from gateway.web.common import handle_gateway_error
+from gateway.web.common import handle_gateway_error, handle_http_error
+from gateway.web.timeline import Timeline
 
 
 class UnderstudyApp:
@@ -27,19 +29,23 @@ class UnderstudyApp:
         self.settings = settings
         self.services = Services(settings, clock)
         self.proxy = ProxyHandler(self.services)
+        self.timeline = Timeline(self.services.metrics)
         self.web = Starlette(
             routes=[*health.routes, *admin.routes],
-            exception_handlers={GatewayError: handle_gateway_error},
+            exception_handlers={GatewayError: handle_gateway_error, HTTPException: handle_http_error},
             lifespan=self._lifespan,
         )
         self.web.state.services = self.services
+        self.web.state.timeline = self.timeline
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.services.start()
+        self.timeline.start()
         try:
             yield
         finally:
+            await self.timeline.stop()
             await self.services.stop()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

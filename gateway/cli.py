@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from gateway import admin_cli
 from gateway.settings import ConfigError, load_settings
 
 OFFLINE_DEFAULTS = {
@@ -90,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "train", help="train a route's adapter (see: understudy train --help)", add_help=False
     )
+    admin_cli.add_arguments(commands.add_parser("routes", help="a running gateway's routes, as a table"))
+    admin_cli.add_arguments(commands.add_parser("status", help="a running gateway's health, totals, routes"))
     return parser
 
 
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "demo":
         return _demo(args)
+    if args.command in ("routes", "status"):
+        return admin_cli.run(args.command, args)
     return 2
 
 

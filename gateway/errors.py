@@ -8,6 +8,7 @@
     │   ├── NotFound                  404 not_found_error
     │   ├── Conflict                  409 conflict_error
     │   ├── PayloadTooLarge           413 invalid_request_error
+    │   ├── Unprocessable             422 invalid_request_error: well-formed, fails validation
     │   └── RateLimited               429 rate_limit_error (+ Retry-After)
     └── ServiceError                  5xx: the gateway's world is at fault
         ├── UpstreamUnreachable       502 upstream_error
@@ -93,6 +94,20 @@ class Conflict(ClientError):
 class PayloadTooLarge(ClientError):
     status = 413
     code = "request_too_large"
+
+
+class Unprocessable(ClientError):
+    """A well-formed body whose content fails validation; `param` names the first bad field."""
+
+    status = 422
+    code = "invalid_value"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message, code=code)
+        self.param = param
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class RateLimited(ClientError):

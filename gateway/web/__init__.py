@@ -1,1 +1,1 @@
-"""The non-proxy HTTP edge: health, metrics, admin API."""
+"""The non-proxy HTTP edge: health, metrics, the admin API and the dashboard."""

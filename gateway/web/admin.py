@@ -1,242 +1,267 @@
-"""Admin REST API (Bearer UNDERSTUDY_ADMIN_KEY). Lists are {"data": [...], "next_cursor"}."""
+"""Admin REST API (Bearer UNDERSTUDY_ADMIN_KEY): routes and their adaptive cycle, training jobs,
+adapters; the log endpoints live in `logs`, the dashboard's in `dashboard`. Lists are
+{"data": [...], "next_cursor"}; errors are OpenAI-shaped (see `endpoints` for the statuses)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+import functools
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import Response
+from starlette.routing import BaseRoute
 
 from gateway.adaptive.controller import AdaptiveController
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import Conflict, NotFound, UpstreamUnreachable
+from gateway.local.client import LocalBackendError
 from gateway.services import Services
 from gateway.settings import RouteSettings
 from gateway.store.base import RecordFilter
-from gateway.web.auth import require_admin
-from gateway.web.common import query_int, query_time
+from gateway.web import dashboard, logs
+from gateway.web.common import json_body
+from gateway.web.endpoints import Endpoint, Param, build_routes, openapi_document
+from gateway.web.schemas import (
+    AdapterList,
+    AdapterOut,
+    AdapterRequest,
+    EvalAccepted,
+    EvalOut,
+    JobAccepted,
+    JobStatus,
+    ModeRequest,
+    RouteDetail,
+    RouteList,
+    RouteSummary,
+    Traffic,
+)
+from trainer.errors import JobConflict
+
+_ROUTE_NAME = Param(
+    "name", "path", {"type": "string"}, "the route's name in gateway.yaml (`default` included)"
+)
 
 
-def _admin(request: Request) -> Services:
-    services: Services = request.app.state.services
-    require_admin(request, services.settings.admin_key)
-    return services
-
-
-def _record_filter(request: Request) -> RecordFilter:
-    params = request.query_params
-    cursor = params.get("cursor")
-    if cursor is not None and not cursor.isdigit():
-        raise InvalidRequest("'cursor' must be a cursor returned by a previous page")
-    status = params.get("status")
-    if status is not None and not status.isdigit():
-        raise InvalidRequest("'status' must be an HTTP status code")
-    return RecordFilter(
-        route=params.get("route"),
-        backend=params.get("backend"),
-        status=int(status) if status else None,
-        kind=params.get("kind"),
-        since=query_time(request, "since"),
-        until=query_time(request, "until"),
-        before_id=int(cursor) if cursor else None,
-    )
-
-
-async def list_logs(request: Request) -> Response:
-    services = _admin(request)
-    limit = query_int(request, "limit", 50, 1, 1000)
-    where = _record_filter(request)
-    rows = await asyncio.to_thread(services.store.list_records, where, limit + 1)
-    next_cursor = str(rows[limit - 1]["id"]) if len(rows) > limit else None
-    return JSONResponse({"data": rows[:limit], "next_cursor": next_cursor})
-
-
-async def export_logs(request: Request) -> Response:
-    """All matching records, oldest first, as JSONL streamed page by page (never in memory)."""
-    services = _admin(request)
-    where = _record_filter(request)
-    rows = services.store.iter_records(route=where.route, kind=where.kind)
-
-    async def lines() -> AsyncIterator[bytes]:
-        while True:
-            page = await asyncio.to_thread(_next_page, rows, 200)
-            if not page:
-                return
-            yield b"".join(orjson.dumps(row) + b"\n" for row in page)
-
-    route = where.route or "all"
-    return StreamingResponse(
-        lines(),
-        media_type="application/x-ndjson",
-        headers={"content-disposition": f'attachment; filename="understudy-{route}.jsonl"'},
-    )
-
-
-def _next_page(rows: Any, size: int) -> list[dict[str, Any]]:
-    return [row for _, row in zip(range(size), rows, strict=False)]
-
-
-async def delete_logs(request: Request) -> Response:
-    services = _admin(request)
-    route = request.query_params.get("route")
-    before = query_time(request, "before")
-    if route is None and before is None:
-        raise InvalidRequest("give 'route' and/or 'before' (ISO 8601): refusing to delete every record")
-    deleted = await asyncio.to_thread(services.store.delete_records, route, before)
-    return JSONResponse({"deleted": deleted})
-
-
-# --- routes and the adaptive cycle --------------------------------------------------------
-
-
-class ModeBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    mode: Literal["cloud", "local", "auto"]
-
-
-class AdapterBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1)
-
-
-async def _body(request: Request, model: type[BaseModel]) -> Any:
-    raw = await request.body()
-    try:
-        return model.model_validate_json(raw or b"{}")
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-        raise InvalidRequest(f"invalid request body: {problems}", code="invalid_body") from None
-
-
-def _route(services: Services, name: str) -> RouteSettings:
+def _route(services: Services, request: Request) -> RouteSettings:
+    name = request.path_params["name"]
     route = services.routes.by_name.get(name)
     if route is None:
-        raise NotFound(f"no route named {name[:64]!r}")
+        raise NotFound(f"no route named {name[:64]!r}", code="route_not_found")
     return route
 
 
-def _controller(services: Services) -> AdaptiveController:
-    if services.controller is None:
-        raise NotFound("no route adapts (set adapt: true on a route and keep the local backend on)")
-    return services.controller
+def _adaptive(services: Services, route: RouteSettings) -> AdaptiveController:
+    """The controller, if `route` adapts; 409 otherwise (the route exists but has no cycle)."""
+    controller = services.controller
+    if controller is None or route.name not in controller.routes:
+        why = "the local backend is off (local.enabled)" if route.adapt else "set adapt: true on it"
+        raise Conflict(f"route {route.name!r} does not adapt: {why}", code="route_not_adaptive")
+    return controller
 
 
-def route_summary(services: Services, route: RouteSettings) -> dict[str, Any]:
+def route_summary(services: Services, route: RouteSettings) -> RouteSummary:
     summary: dict[str, Any] = {
         "name": route.name,
         "match": route.match,
         "upstream": route.upstream,
+        "upstream_model": route.upstream_model,
         "adapt": route.adapt,
         "local_model": route.local_model,
-        "policy": route.policy.model_dump(),
-        "mode": "cloud",
-        "serving": "cloud",
+        "policy": route.policy,
     }
     controller = services.controller
     if controller is not None and route.name in controller.routes:
         summary.update(controller.describe(route.name))
-    return summary
+    return RouteSummary.model_validate(summary)
 
 
-async def list_routes(request: Request) -> Response:
-    services = _admin(request)
-    data = [route_summary(services, route) for route in services.routes.routes]
-    return JSONResponse({"data": data, "next_cursor": None})
+async def list_routes(request: Request, services: Services) -> RouteList:
+    return RouteList(data=[route_summary(services, route) for route in services.routes.routes])
 
 
-async def get_route(request: Request) -> Response:
-    services = _admin(request)
-    route = _route(services, request.path_params["name"])
-    summary = route_summary(services, route)
-    summary["traffic"] = await asyncio.to_thread(_traffic, services, route.name)
-    summary["recent_evals"] = await asyncio.to_thread(services.store.list_evals, route.name, 20)
-    return JSONResponse(summary)
-
-
-def _traffic(services: Services, route: str) -> dict[str, int]:
-    return {
+def _traffic(services: Services, route: str) -> Traffic:
+    counts = {
         backend: services.store.count_records(RecordFilter(route=route, backend=backend, kind="user"))
         for backend in ("cloud", "local", "failover")
     }
+    return Traffic.model_validate(counts)
 
 
-async def set_mode(request: Request) -> Response:
-    services = _admin(request)
-    name = _route(services, request.path_params["name"]).name
-    body = await _body(request, ModeBody)
-    await _controller(services).set_mode(name, body.mode)
-    return JSONResponse(route_summary(services, services.routes.by_name[name]))
-
-
-async def train_route(request: Request) -> Response:
-    services = _admin(request)
-    name = _route(services, request.path_params["name"]).name
-    job_id = await _controller(services).train_now(name)
-    return JSONResponse({"job_id": job_id}, status_code=202)
-
-
-async def get_job(request: Request) -> Response:
-    services = _admin(request)
-    job = _controller(services).jobs.status(request.path_params["job_id"])
-    if job is None:
-        raise NotFound(f"no training job {request.path_params['job_id'][:64]!r}")
-    return JSONResponse(job)
-
-
-async def eval_route(request: Request) -> Response:
-    services = _admin(request)
-    name = _route(services, request.path_params["name"]).name
-    version = await _controller(services).eval_now(name)
-    return JSONResponse({"adapter_version": version, "status": "started"}, status_code=202)
-
-
-async def list_adapters(request: Request) -> Response:
-    services = _admin(request)
-    name = _route(services, request.path_params["name"]).name
-    controller = _controller(services)
-    state = controller.runtime(name).state
-    versions = await asyncio.to_thread(controller.adapters.versions, name)
-    data = [
+async def get_route(request: Request, services: Services) -> RouteDetail:
+    route = _route(services, request)
+    summary = route_summary(services, route)
+    traffic = await asyncio.to_thread(_traffic, services, route.name)
+    evals = await asyncio.to_thread(services.store.list_evals, route.name, 20)
+    return RouteDetail.model_validate(
         {
-            "version": v.version,
-            "path": str(v.path),
-            "active": v.version == state.active_version,
-            "candidate": v.version == state.candidate_version,
-            "meta": v.meta,
+            **summary.model_dump(by_alias=True),
+            "traffic": traffic,
+            "recent_evals": [EvalOut.model_validate(e) for e in evals],
         }
+    )
+
+
+async def set_mode(request: Request, services: Services) -> RouteSummary:
+    route = _route(services, request)
+    body = await json_body(request, ModeRequest)
+    await _adaptive(services, route).set_mode(route.name, body.mode)
+    return route_summary(services, route)
+
+
+async def train_route(request: Request, services: Services) -> JobAccepted:
+    route = _route(services, request)
+    controller = _adaptive(services, route)
+    try:
+        job_id = await controller.train_now(route.name)
+    except JobConflict as exc:
+        raise Conflict(str(exc), code="job_running") from None
+    return JobAccepted(job_id=job_id)
+
+
+async def get_job(request: Request, services: Services) -> JobStatus:
+    job_id = request.path_params["job_id"]
+    job = services.controller.jobs.status(job_id) if services.controller is not None else None
+    if job is None:
+        raise NotFound(f"no training job {job_id[:64]!r}", code="job_not_found")
+    return JobStatus.model_validate(job)
+
+
+async def eval_route(request: Request, services: Services) -> EvalAccepted:
+    route = _route(services, request)
+    version = await _adaptive(services, route).eval_now(route.name)
+    return EvalAccepted(adapter_version=version)
+
+
+async def list_adapters(request: Request, services: Services) -> AdapterList:
+    route = _route(services, request)
+    controller = _adaptive(services, route)
+    state = controller.runtime(route.name).state
+    versions = await asyncio.to_thread(controller.adapters.versions, route.name)
+    data = [
+        AdapterOut(
+            version=v.version,
+            path=str(v.path),
+            active=v.version == state.active_version,
+            candidate=v.version == state.candidate_version,
+            meta=v.meta,
+        )
         for v in reversed(versions)
     ]
-    return JSONResponse({"data": data, "next_cursor": None})
+    return AdapterList(data=data)
 
 
-async def set_adapter(request: Request) -> Response:
-    services = _admin(request)
-    name = _route(services, request.path_params["name"]).name
-    body = await _body(request, AdapterBody)
-    controller = _controller(services)
-    known = {v.version for v in await asyncio.to_thread(controller.adapters.versions, name)}
+async def set_adapter(request: Request, services: Services) -> RouteSummary:
+    route = _route(services, request)
+    body = await json_body(request, AdapterRequest)
+    controller = _adaptive(services, route)
+    known = {v.version for v in await asyncio.to_thread(controller.adapters.versions, route.name)}
     if body.version not in known:
-        raise NotFound(f"route {name!r} has no adapter v{body.version}")
-    await controller.set_adapter(name, body.version)
-    return JSONResponse(route_summary(services, services.routes.by_name[name]))
+        raise NotFound(f"route {route.name!r} has no adapter v{body.version}", code="adapter_not_found")
+    try:
+        await controller.set_adapter(route.name, body.version)
+    except LocalBackendError as exc:
+        raise UpstreamUnreachable(f"the local backend could not load v{body.version}: {exc}") from None
+    return route_summary(services, route)
 
 
-_NAME = "{name:str}"
+async def get_openapi(request: Request, services: Services) -> Response:
+    return Response(_openapi_json(), media_type="application/json")
 
-routes = [
-    Route("/admin/logs", list_logs, methods=["GET"]),
-    Route("/admin/logs", delete_logs, methods=["DELETE"]),
-    Route("/admin/logs/export", export_logs, methods=["GET"]),
-    Route("/admin/routes", list_routes, methods=["GET"]),
-    Route(f"/admin/routes/{_NAME}", get_route, methods=["GET"]),
-    Route(f"/admin/routes/{_NAME}/mode", set_mode, methods=["POST"]),
-    Route(f"/admin/routes/{_NAME}/train", train_route, methods=["POST"]),
-    Route(f"/admin/routes/{_NAME}/eval", eval_route, methods=["POST"]),
-    Route(f"/admin/routes/{_NAME}/adapters", list_adapters, methods=["GET"]),
-    Route(f"/admin/routes/{_NAME}/adapter", set_adapter, methods=["POST"]),
-    Route("/admin/jobs/{job_id:str}", get_job, methods=["GET"]),
+
+def _package_version() -> str:
+    try:
+        return version("understudy")
+    except PackageNotFoundError:
+        return "0"
+
+
+@functools.cache
+def _openapi_json() -> bytes:
+    return orjson.dumps(openapi_document(endpoints, _package_version()))
+
+
+endpoints: list[Endpoint] = [
+    *logs.endpoints,
+    Endpoint("GET", "/admin/routes", list_routes, "Every configured route and its state", RouteList),
+    Endpoint(
+        "GET",
+        "/admin/routes/{name}",
+        get_route,
+        "One route: state, traffic by backend, recent evals",
+        RouteDetail,
+        params=(_ROUTE_NAME,),
+        errors=(404,),
+    ),
+    Endpoint(
+        "POST",
+        "/admin/routes/{name}/mode",
+        set_mode,
+        "Pin the route to cloud or local, or return it to auto",
+        RouteSummary,
+        body=ModeRequest,
+        params=(_ROUTE_NAME,),
+        errors=(400, 404, 409, 413, 422),
+    ),
+    Endpoint(
+        "POST",
+        "/admin/routes/{name}/train",
+        train_route,
+        "Start a training job now (202), or 409 while one runs",
+        JobAccepted,
+        status=202,
+        params=(_ROUTE_NAME,),
+        errors=(404, 409),
+    ),
+    Endpoint(
+        "POST",
+        "/admin/routes/{name}/eval",
+        eval_route,
+        "Re-run the held-out evaluation of the candidate (or serving) adapter",
+        EvalAccepted,
+        status=202,
+        params=(_ROUTE_NAME,),
+        errors=(404, 409),
+    ),
+    Endpoint(
+        "GET",
+        "/admin/routes/{name}/adapters",
+        list_adapters,
+        "The route's adapter versions, newest first",
+        AdapterList,
+        params=(_ROUTE_NAME,),
+        errors=(404, 409),
+    ),
+    Endpoint(
+        "POST",
+        "/admin/routes/{name}/adapter",
+        set_adapter,
+        "Serve another adapter version (roll back or forward)",
+        RouteSummary,
+        body=AdapterRequest,
+        params=(_ROUTE_NAME,),
+        errors=(400, 404, 409, 413, 422, 502),
+    ),
+    Endpoint(
+        "GET",
+        "/admin/jobs/{job_id}",
+        get_job,
+        "A training job's status",
+        JobStatus,
+        params=(Param("job_id", "path", {"type": "string"}, "from POST .../train"),),
+        errors=(404,),
+    ),
+    *dashboard.endpoints,
+    Endpoint(
+        "GET",
+        "/admin/openapi.json",
+        get_openapi,
+        "This document",
+        None,
+        raw_schema={"type": "object", "required": ["openapi", "paths"]},
+        tag="meta",
+    ),
 ]
+
+routes: list[BaseRoute] = [*build_routes(endpoints), *dashboard.routes]

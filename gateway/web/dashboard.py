@@ -1,0 +1,160 @@
+"""The dashboard: `/ui/` serves a static page (plain JS and CSS from gateway/static, no build
+step, nothing from a CDN) that polls `GET /admin/dashboard` every few seconds.
+
+Same admin auth as the API. A browser signs in once, with the login form or by opening
+`/ui/?key=<UNDERSTUDY_ADMIN_KEY>`, and gets a session cookie (see `auth`); the key never
+stays in the address bar. Without a configured key, loopback browsers need no sign-in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import time
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from gateway.errors import Forbidden, GatewayError, Unauthorized
+from gateway.services import Services
+from gateway.web.auth import SESSION_COOKIE, SESSION_TTL_S, key_matches, require_admin, session_token
+from gateway.web.common import read_capped
+from gateway.web.endpoints import Endpoint
+from gateway.web.overview import route_totals, route_view
+from gateway.web.schemas import Dashboard, DashboardRoute, RouteTotals
+from gateway.web.timeline import Point, Timeline
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+_EMPTY_TOTALS = RouteTotals(
+    requests={"cloud": 0, "local": 0, "failover": 0}, cost_usd=0.0, cost_saved_usd=0.0
+)
+_PAGE_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    # The sign-in link carries the key: never hand it to another site.
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-store",
+}
+
+
+def _local_backend(services: Services) -> str | None:
+    if not services.settings.local.enabled:
+        return None
+    if services.backend is None:
+        return "external"
+    return "healthy" if services.backend.healthy.is_set() else "starting"
+
+
+def _route_views(
+    services: Services, series: dict[str, list[Point]], totals: dict[str, RouteTotals]
+) -> list[DashboardRoute]:
+    return [
+        route_view(services, route, series[route.name], totals.get(route.name, _EMPTY_TOTALS))
+        for route in services.routes.routes
+    ]
+
+
+async def get_dashboard(request: Request, services: Services) -> Dashboard:
+    timeline: Timeline = request.app.state.timeline
+    totals = await asyncio.to_thread(lambda: route_totals(services.metrics.families()))
+    series = {route.name: timeline.series(route.name) for route in services.routes.routes}
+    views = await asyncio.to_thread(_route_views, services, series, totals)
+    return Dashboard(
+        generated_at=time.time(),
+        started_at=timeline.started_at,
+        ready=services.started,
+        local_backend=_local_backend(services),
+        interval_s=timeline.interval_s,
+        routes=views,
+    )
+
+
+# --- the page and signing in ---------------------------------------------------------------
+
+
+def _page(name: str, status: int = 200, message: str = "") -> Response:
+    text = (STATIC / name).read_text(encoding="utf-8").replace("{{message}}", html.escape(message))
+    return Response(text, status_code=status, media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
+
+
+def _signed_in(request: Request, admin_key: str) -> Response:
+    """Back to the page, now with a session cookie (and without the key in the URL)."""
+    response = RedirectResponse("./", status_code=303, headers={"cache-control": "no-store"})
+    response.set_cookie(
+        SESSION_COOKIE,
+        session_token(admin_key),
+        max_age=SESSION_TTL_S,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+async def ui_redirect(request: Request) -> Response:
+    query = f"?{request.url.query}" if request.url.query else ""
+    return RedirectResponse(f"ui/{query}", status_code=307)
+
+
+async def ui_page(request: Request) -> Response:
+    admin_key = request.app.state.services.settings.admin_key
+    offered = request.query_params.get("key")
+    if admin_key is not None and offered is not None:
+        if key_matches(offered, admin_key):
+            return _signed_in(request, admin_key)
+        return _page("login.html", 401, "That key is not the admin key.")
+    try:
+        require_admin(request, admin_key)
+    except Forbidden as exc:
+        return _page("login.html", 403, exc.message)
+    except Unauthorized:
+        return _page("login.html", 401)
+    return _page("index.html")
+
+
+async def login(request: Request) -> Response:
+    admin_key = request.app.state.services.settings.admin_key
+    if admin_key is None:
+        return RedirectResponse("./", status_code=303)
+    try:
+        form = parse_qs((await read_capped(request, 4096)).decode("utf-8", "replace"))
+    except GatewayError:
+        form = {}
+    offered = (form.get("key") or [""])[0].strip()
+    if offered and key_matches(offered, admin_key):
+        return _signed_in(request, admin_key)
+    return _page("login.html", 401, "That key is not the admin key.")
+
+
+async def logout(request: Request) -> Response:
+    response = RedirectResponse("./", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+endpoints = [
+    Endpoint(
+        "GET",
+        "/admin/dashboard",
+        get_dashboard,
+        "Everything the dashboard shows, in one call (polled by /ui)",
+        Dashboard,
+        tag="dashboard",
+    ),
+]
+
+routes: list[BaseRoute] = [
+    Route("/ui", ui_redirect, methods=["GET"]),
+    Route("/ui/", ui_page, methods=["GET"]),
+    Route("/ui/login", login, methods=["POST"]),
+    Route("/ui/logout", logout, methods=["POST"]),
+    # Static assets hold no data and no secrets: served without sign-in (the login page uses them).
+    Mount("/ui/assets", StaticFiles(directory=STATIC), name="ui-assets"),
+]
