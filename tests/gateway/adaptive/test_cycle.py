@@ -146,11 +146,16 @@ def _wait_mode(
 
 
 def _train_to_eval(gateway: RunningGateway) -> dict[str, Any]:
+    """Feed enough cloud answers to train; return once the adapter is trained and judged
+    (held-out evals can promote it within a second, so `local` counts as past eval too)."""
     for i in range(8):
         backend, answer = _ask(gateway, f"question number {i}")
         assert backend == "cloud" and answer == f"ANSWER: QUESTION NUMBER {i}"
-    state = _wait_mode(gateway, "eval", timeout=240)
-    assert state["candidate_adapter"] == 1
+    deadline = time.monotonic() + 240
+    while (state := _state(gateway))["mode"] in ("cloud", "training"):
+        assert time.monotonic() < deadline, f"never trained: {state['history'][-3:]}"
+        time.sleep(0.2)
+    assert [h["to"] for h in state["history"]][:2] == ["training", "eval"]
     return state
 
 
@@ -183,7 +188,8 @@ def test_full_cycle_cloud_training_eval_local_then_spot_check_demotes(
     assert state["mode"] == "cloud"
     assert "spot check" in state["history"][-1]["reason"] or "rolling score" in state["history"][-1]["reason"]
     evals = gateway.app.services.store.list_evals("task", 500)
-    assert {e["phase"] for e in evals} >= {"eval", "spot"}
+    phases = {e["phase"] for e in evals}
+    assert "spot" in phases and phases & {"heldout", "eval"}  # judged before and after promotion
     assert all(e["adapter_version"] == 1 for e in evals)
     judge_calls = gateway.wait_for_records(1, kind="judge")
     assert judge_calls and all(r["route"] == "task" for r in judge_calls)
@@ -199,9 +205,10 @@ def test_failed_eval_goes_back_to_cloud_and_judge_errors_do_not(
     _train_to_eval(gateway)
     for i in range(4):
         _ask(gateway, f"live question {i}")
-    deadline = time.monotonic() + 60
-    while grader.graded < 6:
-        assert time.monotonic() < deadline
+    store = gateway.app.services.store
+    deadline = time.monotonic() + 120
+    while sum(1 for e in store.list_evals("task", 500) if e["error"]) < 2:
+        assert time.monotonic() < deadline, "no judge errors recorded"
         time.sleep(0.2)
     assert _state(gateway)["mode"] == "eval"
     grader.garbage, grader.score = False, 5.0
