@@ -24,6 +24,7 @@ from local_backend.jobs import (
     SequenceResult,
     SequenceSpec,
     TextDelta,
+    cancel_unless_finished,
 )
 from local_backend.schemas import (
     AssistantMessage,
@@ -216,16 +217,9 @@ def _parse_named_call(text: str) -> tuple[str, str] | None:
 # ---------------------------------------------------------------- streaming
 
 
-async def chat_stream(plan: ChatPlan) -> AsyncIterator[bytes]:
+def chat_stream(plan: ChatPlan) -> AsyncIterator[bytes]:
     """OpenAI's chunk stream for `plan`; cancels the job if the client stops reading."""
-    finished = False
-    try:
-        async for chunk in _chunks(plan):
-            yield chunk
-        finished = True
-    finally:
-        if not finished:
-            plan.job.cancel()
+    return cancel_unless_finished(plan.job, _chunks(plan))
 
 
 async def _chunks(plan: ChatPlan) -> AsyncIterator[bytes]:

@@ -12,7 +12,14 @@ from typing import Any
 
 from local_backend.engine import Engine
 from local_backend.errors import InvalidRequest
-from local_backend.jobs import GenerationJob, JobFailed, SequenceResult, SequenceSpec, TextDelta
+from local_backend.jobs import (
+    GenerationJob,
+    JobFailed,
+    SequenceResult,
+    SequenceSpec,
+    TextDelta,
+    cancel_unless_finished,
+)
 from local_backend.schemas import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from local_backend.serving import (
     SSE_DONE,
@@ -97,16 +104,9 @@ def _echo(plan: CompletionPlan, choice: int) -> str:
     return plan.prompt_texts[choice // plan.request.n] if plan.prompt_texts else ""
 
 
-async def completion_stream(plan: CompletionPlan) -> AsyncIterator[bytes]:
+def completion_stream(plan: CompletionPlan) -> AsyncIterator[bytes]:
     """Text-completion chunks; cancels the job if the client stops reading."""
-    finished = False
-    try:
-        async for chunk in _chunks(plan):
-            yield chunk
-        finished = True
-    finally:
-        if not finished:
-            plan.job.cancel()
+    return cancel_unless_finished(plan.job, _chunks(plan))
 
 
 async def _chunks(plan: CompletionPlan) -> AsyncIterator[bytes]:

@@ -119,3 +119,16 @@ class GenerationJob:
                 result.finish_reason = event.finish_reason
                 result.completion_tokens = event.completion_tokens
         return results
+
+
+async def cancel_unless_finished(job: GenerationJob, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Relay a job's response chunks; if the client stops reading before the end (a
+    disconnect closes the generator), cancel the job so its sequences stop generating."""
+    finished = False
+    try:
+        async for chunk in chunks:
+            yield chunk
+        finished = True
+    finally:
+        if not finished:
+            job.cancel()
