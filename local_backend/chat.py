@@ -36,7 +36,6 @@ from local_backend.schemas import (
     ResponseFunctionCall,
     ResponseToolCall,
     Tool,
-    Usage,
 )
 from local_backend.serving import (
     SSE_DONE,
@@ -47,6 +46,7 @@ from local_backend.serving import (
     sampling_params,
     sse,
     sse_error,
+    usage_of,
 )
 
 _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -164,17 +164,12 @@ def _named_call_schema(tool: Tool) -> dict[str, Any]:
 
 def chat_response(plan: ChatPlan, results: list[SequenceResult]) -> ChatCompletionResponse:
     choices = [_choice(plan, i, result) for i, result in enumerate(results)]
-    completion = sum(r.completion_tokens for r in results)
     return ChatCompletionResponse(
         id=plan.id,
         created=plan.created,
         model=plan.request.model,
         choices=choices,
-        usage=Usage(
-            prompt_tokens=plan.prompt_tokens,
-            completion_tokens=completion,
-            total_tokens=plan.prompt_tokens + completion,
-        ),
+        usage=usage_of(plan.prompt_tokens, results),
     )
 
 

@@ -20,7 +20,7 @@ from local_backend.jobs import (
     TextDelta,
     cancel_unless_finished,
 )
-from local_backend.schemas import CompletionChoice, CompletionRequest, CompletionResponse, Usage
+from local_backend.schemas import CompletionChoice, CompletionRequest, CompletionResponse
 from local_backend.serving import (
     SSE_DONE,
     max_tokens_for,
@@ -30,6 +30,7 @@ from local_backend.serving import (
     sampling_params,
     sse,
     sse_error,
+    usage_of,
 )
 
 
@@ -86,17 +87,12 @@ def completion_response(plan: CompletionPlan, results: list[SequenceResult]) -> 
         CompletionChoice(index=i, text=_echo(plan, i) + r.text, finish_reason=r.finish_reason)
         for i, r in enumerate(results)
     ]
-    completion = sum(r.completion_tokens for r in results)
     return CompletionResponse(
         id=plan.id,
         created=plan.created,
         model=plan.request.model,
         choices=choices,
-        usage=Usage(
-            prompt_tokens=plan.prompt_tokens,
-            completion_tokens=completion,
-            total_tokens=plan.prompt_tokens + completion,
-        ),
+        usage=usage_of(plan.prompt_tokens, results),
     )
 
 

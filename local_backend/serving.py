@@ -16,7 +16,7 @@ from local_backend.engine import Engine
 from local_backend.errors import BackendError, ContextLengthExceeded, InvalidRequest
 from local_backend.jobs import GenerationJob, SequenceResult
 from local_backend.sampling import SamplingParams
-from local_backend.schemas import ResponseFormat, SamplingFields
+from local_backend.schemas import ResponseFormat, SamplingFields, Usage
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -83,6 +83,14 @@ def response_format_grammar(engine: Engine, response_format: ResponseFormat | No
     if spec is None:
         raise InvalidRequest("response_format json_schema needs a json_schema", param="response_format")
     return engine.grammar(spec.json_schema or {})
+
+
+def usage_of(prompt_tokens: int, results: list[SequenceResult]) -> Usage:
+    """Usage of a finished (non-streamed) response: real token counts of every sequence."""
+    completion = sum(r.completion_tokens for r in results)
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
+    )
 
 
 def sse(payload: dict[str, Any]) -> bytes:
