@@ -159,6 +159,7 @@ def _train_to_eval(gateway: RunningGateway) -> dict[str, Any]:
     return state
 
 
+@pytest.mark.timeout(900)
 def test_full_cycle_cloud_training_eval_local_then_spot_check_demotes(
     cycle_gateway: Callable[..., RunningGateway], grader: Grader
 ) -> None:
@@ -179,9 +180,9 @@ def test_full_cycle_cloud_training_eval_local_then_spot_check_demotes(
     assert records and all(r["upstream_model"] == "task-v1" for r in records)
 
     grader.score = 10.0  # quality slips: spot checks (eval_rate 1.0) now fail
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240  # wall-clock room for a loaded 2-core CI machine
     while _state(gateway)["mode"] == "local":
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, f"never demoted: {_state(gateway)['history'][-2:]}"
         _ask(gateway, "spot check me")
         time.sleep(0.3)
     state = _state(gateway)

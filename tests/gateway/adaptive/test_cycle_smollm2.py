@@ -65,6 +65,7 @@ def _mode(gateway: RunningGateway) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # covers its own 1500 s deadline for up to three retrain rounds
 def test_smollm2_learns_the_route_and_answers_unseen_prompts(
     tmp_path: Path, model_cache_dir: Path, extraction_cloud: FakeCloudServer
 ) -> None:
