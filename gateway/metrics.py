@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -96,6 +96,14 @@ class Metrics:
         self.log_write_errors = Counter(
             f"{PREFIX}log_write_errors", "Log records lost (could not be written)", registry=r
         )
+        self.event_loop_tasks = Gauge(
+            f"{PREFIX}event_loop_tasks",
+            "asyncio tasks alive in the gateway's event loop (flat under steady load: no leak)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        if not self.multiprocess_dir:  # process_resident_memory_bytes, process_open_fds, ...
+            ProcessCollector(registry=r)
         self.log_queue_depth = Gauge(
             f"{PREFIX}log_queue_depth",
             "Log records waiting for the store",

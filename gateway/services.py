@@ -64,6 +64,7 @@ class Services:
             on_lost=self.metrics.log_write_errors.inc,
         )
         self.metrics.track(self.metrics.log_queue_depth, lambda: self.writer.depth)
+        self.metrics.track(self.metrics.event_loop_tasks, self._loop_tasks)
         self.backend: BackendSupervisor | None = None
         self.local_upstream: Upstream | None = None
         self.local_client: LocalBackendClient | None = None
@@ -80,12 +81,14 @@ class Services:
         # with no configured upstream key, background calls (judge, spot checks) borrow it.
         self._client_auth: dict[str, str] = {}
         self.started = False
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.store.open)
         await asyncio.to_thread(self.costs.prices.load)  # so no request pays for reading it
-        self.writer.start(asyncio.get_running_loop())
+        self.loop = asyncio.get_running_loop()
+        self.writer.start(self.loop)
         for upstream in self.upstreams.values():
             await upstream.start()
         if self.guard is not None:
@@ -131,6 +134,9 @@ class Services:
         if ex.settle is not None:
             await ex.settle()
         await self.writer.submit(ex.record())
+
+    def _loop_tasks(self) -> int:
+        return 0 if self.loop is None else len(asyncio.all_tasks(self.loop))
 
     def _local_restarted(self) -> None:
         if self.local_client is not None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import secrets
+import itertools
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,8 +17,23 @@ from gateway.store.base import LogRecord
 MAX_LOGGED_BODY = 1 << 20
 
 
+# A random per-process prefix and a counter: unique across workers and restarts, without
+# a getrandom() system call per request (1.3% of the gateway's CPU under load, py-spy).
+_ID_PREFIX = ""
+_id_counter = itertools.count()
+
+
+def _new_id_prefix() -> None:
+    global _ID_PREFIX
+    _ID_PREFIX = "req_" + os.urandom(6).hex()
+
+
+_new_id_prefix()
+os.register_at_fork(after_in_child=_new_id_prefix)  # a forked worker never repeats its parent's ids
+
+
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
 def loggable_body(raw: bytes, content_type: str) -> str | None:

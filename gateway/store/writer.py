@@ -45,7 +45,13 @@ class LogWriter:
     ):
         self._store = store
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
+        # Records submitted during one turn of the event loop are handed to the thread as
+        # one list: one queue put and one thread wake-up per turn, not per record (py-spy at
+        # concurrency 32 put 15% of the gateway's samples in the per-record put and get).
+        self._pending: list[_Item] = []
+        self._submitted = 0
+        self._taken = 0
+        self._queue: queue.SimpleQueue[list[_Item] | object] = queue.SimpleQueue()
         self._spill: deque[LogRecord] = deque()
         self._spill_limit = spill_limit
         self._on_written = on_written or (lambda n: None)
@@ -57,7 +63,7 @@ class LogWriter:
     @property
     def depth(self) -> int:
         """Records accepted but not yet committed (queued plus spilled)."""
-        return self._queue.qsize() + len(self._spill)
+        return self._submitted - self._taken + len(self._spill)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -69,13 +75,22 @@ class LogWriter:
         (yet): the record then waits in the spill and the caller must not hold the client."""
         assert self._loop is not None, "LogWriter.start() was not called"
         future: asyncio.Future[bool] = self._loop.create_future()
-        self._queue.put((record, future))
+        self._pending.append((record, future))
+        self._submitted += 1
+        if len(self._pending) == 1:
+            self._loop.call_soon(self._hand_over)
         return future
+
+    def _hand_over(self) -> None:
+        if self._pending:
+            items, self._pending = self._pending, []
+            self._queue.put(items)
 
     async def close(self) -> None:
         """Drain everything queued, then stop the thread."""
         if self._thread is None:
             return
+        self._hand_over()
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
@@ -99,10 +114,11 @@ class LogWriter:
         except queue.Empty:
             return batch, futures, stopping
         while True:
-            if isinstance(item, tuple):
-                record, future = item
-                batch.append(record)
-                futures.append(future)
+            if isinstance(item, list):
+                for record, future in item:
+                    batch.append(record)
+                    futures.append(future)
+                self._taken += len(item)
             else:
                 stopping = True
             if len(batch) >= self._max_batch or stopping:
