@@ -155,7 +155,15 @@ class ProxyHandler:
         if guard is None:
             await self._forward(ex, upstream, request, receive, send)
             return
-        async with guard.admit(ex, key, route, view, route.upstream):
+        # A route the local model serves waits in the local backend's pool, not the cloud's.
+        controller = self.services.controller
+        local = (
+            controller is not None
+            and ex.endpoint == LOCAL_ENDPOINT
+            and view.body is not None
+            and controller.serving(route.name) is not None
+        )
+        async with guard.admit(ex, key, route, view, route.upstream, "local" if local else "cloud"):
             await self._forward(ex, upstream, request, receive, send)
 
     async def _forward(

@@ -4,6 +4,7 @@ upstream judge, grades local answers with scores the test scripts."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 import urllib.request
@@ -67,7 +68,7 @@ def cycle_gateway(
     running: list[RunningGateway] = []
     port = _free_port()
 
-    def start(**policy: Any) -> RunningGateway:
+    def start(local_limits: dict[str, Any] | None = None, **policy: Any) -> RunningGateway:
         config = tmp_path / "gateway.yaml"
         config.write_text("{}\n")
         base_policy = {
@@ -86,7 +87,13 @@ def cycle_gateway(
             environ={},
             data_dir=tmp_path / "data",
             upstream={"base_url": task_cloud.base_url, "retry": {"attempts": 1}},
-            local={"enabled": True, "model": str(tiny_model_dir), "port": port, "startup_timeout_s": 120},
+            local={
+                "enabled": True,
+                "model": str(tiny_model_dir),
+                "port": port,
+                "startup_timeout_s": 120,
+                "limits": local_limits or {},
+            },
             routes=[
                 {
                     "name": "task",
@@ -121,6 +128,11 @@ def _ask(gateway: RunningGateway, text: str, **extra: Any) -> tuple[str, str]:
         model="task-1", messages=[{"role": "user", "content": text}], max_tokens=8, **extra
     )
     return raw.headers["x-understudy-backend"], raw.parse().choices[0].message.content or ""
+
+
+def _scrape(gateway: RunningGateway) -> str:
+    with urllib.request.urlopen(gateway.url + "/metrics") as response:
+        return str(response.read().decode())
 
 
 def _state(gateway: RunningGateway) -> dict[str, Any]:
@@ -223,9 +235,23 @@ def test_failed_eval_goes_back_to_cloud_and_judge_errors_do_not(
 def test_pin_failover_and_restart_resume(
     cycle_gateway: Callable[..., RunningGateway], grader: Grader, task_cloud: FakeCloudServer
 ) -> None:
-    gateway = cycle_gateway()
+    gateway = cycle_gateway(local_limits={"max_concurrency": 1, "max_queue": 0})
     _train_to_eval(gateway)
     _wait_mode(gateway, "local", feed=True)
+
+    # locally served requests wait in the local backend's pool: one at a time, none queued
+    async def burst() -> list[int]:
+        client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="sk-task", max_retries=0)
+        ask = {"model": "task-1", "messages": [{"role": "user", "content": "burst"}], "max_tokens": 8}
+        answers = await asyncio.gather(
+            *(client.chat.completions.with_raw_response.create(**ask) for _ in range(6)),
+            return_exceptions=True,
+        )
+        return [answer.status_code for answer in answers]  # type: ignore[union-attr]
+
+    codes = asyncio.run(burst())
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+    assert 'understudy_rate_limited_total{scope="queue:local"}' in _scrape(gateway)
 
     def post(path: str, body: dict[str, Any]) -> Any:
         request = urllib.request.Request(
