@@ -1,5 +1,5 @@
-"""Soak: 100k requests through a gateway process with logging on. Memory stays flat after
-warm-up, tasks and sockets do not grow, and every request has its record.
+"""Soak: 100k requests through a gateway process with logging and limits on. Memory stays flat
+after warm-up, tasks and sockets do not grow, and every request has its record.
 
 UNDERSTUDY_SOAK_REQUESTS changes the count (default 100000).
 """
@@ -24,6 +24,13 @@ TOTAL = int(os.environ.get("UNDERSTUDY_SOAK_REQUESTS", "100000"))
 WARMUP = 10_000
 CHECKPOINTS = 9
 CONCURRENCY = 32
+# Limits on, so the rate limiter and the fair wait queue (half the client's concurrency) are
+# soaked too.
+ROUTE = """routes:
+  - name: soak
+    match: ["gpt-*"]
+    limits: {rpm: 100000000, tpm: 100000000000, max_concurrency: 16, max_queue: 64}
+"""
 
 
 async def _batch(session: aiohttp.ClientSession, url: str, start: int, count: int) -> int:
@@ -84,7 +91,7 @@ async def _soak(url: str, pid: int) -> tuple[int, list[dict[str, float]]]:
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_soak_100k_requests_flat_memory_no_leaks_no_loss(tmp_path: Path, fake_cloud: FakeCloudServer) -> None:
-    process, url = _start_gateway_process(tmp_path, fake_cloud.base_url)
+    process, url = _start_gateway_process(tmp_path, fake_cloud.base_url, ROUTE)
     try:
         answered, samples = asyncio.run(_soak(url, process.pid))
     finally:
@@ -102,6 +109,8 @@ def test_soak_100k_requests_flat_memory_no_leaks_no_loss(tmp_path: Path, fake_cl
         assert sample["sockets"] <= baseline["sockets"] + 16, (baseline, sample)
         assert sample["fds"] <= baseline["fds"] + 16, (baseline, sample)
     db = sqlite3.connect(tmp_path / "data" / "understudy.db")
-    (count,) = db.execute("SELECT COUNT(*) FROM records WHERE status = 200 AND outcome = 'ok'").fetchone()
+    (count,) = db.execute(
+        "SELECT COUNT(*) FROM records WHERE status = 200 AND outcome = 'ok' AND route = 'soak'"
+    ).fetchone()
     (distinct,) = db.execute("SELECT COUNT(DISTINCT request_id) FROM records").fetchone()
     assert count == TOTAL and distinct == TOTAL
