@@ -5,12 +5,17 @@ Behaviour is chosen by the request's `model` (like TensorZero's dummy provider):
   tool*                  answers with a tool call to the first tool offered
   json*                  answers with a JSON object
   length*                stops with finish_reason "length"
-  error-<status>         answers that status with an OpenAI error body
+  error-<status>[-<s>]   answers that status with an OpenAI error body (429 and 503 carry
+                         Retry-After: <s>, default 1)
   slow-<ms>              waits before the first byte
-  cut                    a stream that stops mid-way (connection dropped)
+  stall-<ms>             sends the headers at once, then waits before the body (or stream)
+  cut                    an answer that stops mid-way (connection dropped), streamed or not
   drop                   closes the connection without answering
   garbage                an invalid JSON body labelled application/json
-  endless                a stream that never ends
+  garbage-stream         a stream whose events turn into invalid JSON mid-way
+  html                   a 200 HTML page (a proxy or portal in the way, not the API)
+  endless                an answer that never ends, streamed or not
+  endless-<n>            a stream that never ends, <n> characters an event
 An `answer` function can script the reply text instead (the demo's narrow task).
 Every request seen is kept in `requests` (method, path, headers, body) for assertions.
 """
@@ -62,13 +67,50 @@ def _count_tokens(text: str) -> int:
     return max(1, len(text.split()))
 
 
-def _error(status: int, message: str) -> web.Response:
+def _error(status: int, message: str, retry_after: str = "1") -> web.Response:
     kind = (
         "rate_limit_error" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
     )
     body = {"error": {"message": message, "type": kind, "param": None, "code": f"fake_{status}"}}
-    headers = {"retry-after": "1"} if status in (429, 503) else {}
+    headers = {"retry-after": retry_after} if status in (429, 503) else {}
     return web.json_response(body, status=status, headers=headers)
+
+
+def _scripted_error(model: str) -> web.Response:
+    """`error-<status>` or `error-<status>-<retry after s>`."""
+    parts = model.split("-")
+    return _error(int(parts[1]), f"scripted failure for {model}", *parts[2:3])
+
+
+async def _trickle_forever(request: web.Request) -> web.StreamResponse:
+    """A 200 JSON answer whose body starts and never ends."""
+    response = web.StreamResponse(headers={"content-type": "application/json"})
+    await response.prepare(request)
+    await response.write(b'{"choices": [')
+    while True:
+        await response.write(b" ")
+        await asyncio.sleep(0.01)
+
+
+async def _stalled(request: web.Request, payload: bytes, delay_ms: int) -> web.StreamResponse:
+    """Send the headers at once and the answer `delay_ms` later."""
+    response = web.StreamResponse(headers={"content-type": "application/json"})
+    await response.prepare(request)
+    await asyncio.sleep(delay_ms / 1000)
+    await response.write(payload)
+    await response.write_eof()
+    return response
+
+
+async def _cut_whole(request: web.Request, payload: bytes) -> web.StreamResponse:
+    """Declare the whole answer's length, send half of it, drop the connection."""
+    response = web.StreamResponse(headers={"content-type": "application/json"})
+    response.content_length = len(payload)
+    await response.prepare(request)
+    await response.write(payload[: len(payload) // 2])
+    assert request.transport is not None
+    request.transport.close()
+    return response
 
 
 @dataclass
@@ -108,7 +150,7 @@ class FakeCloud:
         if model.startswith("slow-"):
             await asyncio.sleep(int(model.split("-")[1].split(":")[0]) / 1000)
         if model.startswith("error-"):
-            return _error(int(model.split("-")[1]), f"scripted failure for {model}")
+            return _scripted_error(model)
         if model in self.failures and self.failures[model] > 0:
             self.failures[model] -= 1
             return _error(503, "scripted transient failure")
@@ -118,6 +160,10 @@ class FakeCloud:
             return web.Response(status=500)
         if model == "garbage":
             return web.Response(body=b'{"choices": [', content_type="application/json")
+        if model == "html":
+            return web.Response(
+                body=b"<html><body>Sign in to continue</body></html>", content_type="text/html"
+            )
         return None
 
     def _text_for(self, body: dict[str, Any], model: str) -> str:
@@ -143,6 +189,8 @@ class FakeCloud:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if body.get("stream"):
             return await self._stream_chat(request, body, model, text, tool_call, finish, usage)
+        if model == "endless":
+            return await _trickle_forever(request)
         message: dict[str, Any] = {"role": "assistant", "content": None if tool_call else text}
         if tool_call:
             message["tool_calls"] = [tool_call]
@@ -150,16 +198,21 @@ class FakeCloud:
             {"index": i, "message": message, "logprobs": None, "finish_reason": finish}
             for i in range(int(body.get("n") or 1))
         ]
+        answer = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": usage,
+            "system_fingerprint": "fp_fake",
+        }
+        if model == "cut":
+            return await _cut_whole(request, orjson.dumps(answer))
+        if model.startswith("stall-"):
+            return await _stalled(request, orjson.dumps(answer), int(model.split("-")[1]))
         return web.json_response(
-            {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": choices,
-                "usage": usage,
-                "system_fingerprint": "fp_fake",
-            },
+            answer,
             dumps=lambda o: orjson.dumps(o).decode(),
             headers={"x-request-id": "upstream-req-1", "openai-processing-ms": "1"},
         )
@@ -197,6 +250,8 @@ class FakeCloud:
         async def emit(choices: list[dict[str, Any]], **extra: Any) -> None:
             await response.write(b"data: " + orjson.dumps({**base, "choices": choices, **extra}) + b"\n\n")
 
+        if model.startswith("stall-"):
+            await asyncio.sleep(int(model.split("-")[1]) / 1000)
         await emit([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         if tool_call:
             first = {
@@ -216,11 +271,14 @@ class FakeCloud:
                 assert request.transport is not None
                 request.transport.close()
                 return response
+            if model == "garbage-stream" and i == len(words) // 2:
+                await response.write(b'data: {"choices": [{"delta": \n\n')
             await emit(
                 [{"index": 0, "delta": {"content": word if i == 0 else " " + word}, "finish_reason": None}]
             )
-        while model == "endless":
-            await emit([{"index": 0, "delta": {"content": " more"}, "finish_reason": None}])
+        more = " " + "x" * int(model.split("-")[1]) if model.startswith("endless-") else " more"
+        while model.startswith("endless"):
+            await emit([{"index": 0, "delta": {"content": more}, "finish_reason": None}])
             await asyncio.sleep(0.01)
         await emit([{"index": 0, "delta": {}, "finish_reason": finish}])
         if (body.get("stream_options") or {}).get("include_usage"):

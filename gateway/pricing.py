@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.metrics import Metrics
+from gateway.routing import CACHEABLE_NAME_LENGTH
 from gateway.settings import RouteSettings
 
 log = logging.getLogger("understudy.pricing")
@@ -100,6 +101,8 @@ class PriceBook:
             (prices[name] for name in _candidates(model) if name in prices),
             None,
         )
+        if len(model) > CACHEABLE_NAME_LENGTH:
+            return found  # not a model name anyone prices: neither kept nor warned about each time
         if found is None:
             log.warning("no price for model %r in litellm's price map: its cost counts as 0", model[:80])
         if len(self._resolved) >= _CACHE_LIMIT:

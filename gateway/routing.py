@@ -7,6 +7,8 @@ from gateway.errors import InvalidRequest
 from gateway.settings import DEFAULT_ROUTE, RouteSettings
 
 _CACHE_LIMIT = 4096
+# Model names are short; a longer `model` (a client chooses it) is resolved but not kept.
+CACHEABLE_NAME_LENGTH = 256
 
 
 class RouteTable:
@@ -31,7 +33,8 @@ class RouteTable:
         route = self._cache.get(model)
         if route is None:
             route = next((r for r in self.routes if r.matches(model)), self.default)
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[model] = route
+            if len(model) <= CACHEABLE_NAME_LENGTH:
+                if len(self._cache) >= _CACHE_LIMIT:
+                    self._cache.clear()
+                self._cache[model] = route
         return route

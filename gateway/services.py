@@ -60,6 +60,8 @@ class Services:
         self.writer = LogWriter(
             self.store,
             max_batch=settings.log.max_batch,
+            spill_limit=settings.log.spill_limit,
+            warn_depth=settings.log.queue_warn_depth,
             on_written=self.metrics.log_records.inc,
             on_lost=self.metrics.log_write_errors.inc,
         )

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -57,6 +58,15 @@ class UpstreamSettings(_Strict):
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        # aiohttp refuses a URL's user:password next to an Authorization header (the key, or
+        # the client's), so every call would fail; and the message must not repeat the URL.
+        if urlsplit(value).username is not None:
+            raise ValueError("credentials in the URL are not supported: give the key as api_key")
+        return value
 
 
 class PolicySettings(_Strict):
@@ -131,6 +141,10 @@ class LogSettings(_Strict):
     max_batch: int = Field(512, ge=1)
     # Records waiting for the store beyond this are still kept, but counted and warned about.
     queue_warn_depth: int = Field(10_000, ge=1)
+    # While the store fails (disk full, read-only), up to this many records wait in memory
+    # and are written once it works again; older ones beyond it are dropped and counted in
+    # understudy_log_write_errors_total.
+    spill_limit: int = Field(100_000, ge=1)
 
 
 class Settings(_Strict):
@@ -238,6 +252,18 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _yaml_problem(path: Path, text: str, exc: yaml.YAMLError) -> str:
+    """What is wrong with the YAML, never quoting interpolated text: the parser's message
+    quotes the lines around the error, which may hold a `${SECRET}`'s value."""
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as raw_exc:
+        return f"{path}: invalid YAML: {raw_exc}"
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{path}: invalid YAML{where} once ${{VAR}} values are substituted (quote the value)"
+
+
 def _read_yaml(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -246,7 +272,7 @@ def _read_yaml(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
     try:
         data = yaml.safe_load(interpolate(text, environ)) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raise ConfigError(_yaml_problem(path, text, exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of settings")
     return data

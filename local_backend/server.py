@@ -224,6 +224,13 @@ class RequestMetrics:
 
 
 async def _parse(request: Request, model: type[Body]) -> Body:
+    content_type = request.headers.get("content-type")
+    if content_type is not None and "json" not in content_type.lower():
+        # Any web page can make a browser post text/plain or a form to a loopback server
+        # (no CORS preflight for those): read only JSON, as FastAPI (and so vLLM) does.
+        raise InvalidRequest(
+            f"the body must be JSON (Content-Type: application/json), not {content_type[:64]!r}"
+        )
     raw = await request.body()
     try:
         data = orjson.loads(raw)

@@ -16,18 +16,27 @@ CHARS_PER_TOKEN = 4
 # Completion budget assumed when a generating request names none; settled afterwards.
 DEFAULT_COMPLETION_TOKENS = 256
 GENERATING_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+# The most any model writes per choice, and OpenAI's largest `n`: a client's absurd
+# max_tokens must not fill a shared bucket for years when its answer reports no usage.
+MAX_COMPLETION_TOKENS = 131_072
+MAX_N = 128
 _BUDGET_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _TEXT_FIELDS = ("messages", "prompt", "input", "instructions")
 
 
 def _chars(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_chars(item) for item in value)
-    if isinstance(value, dict):
-        return _chars(value.get("content")) + _chars(value.get("text"))
-    return 0
+    """Characters of text in a request field. Iterative: the client chooses how deep it nests."""
+    total = 0
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending += (item.get("content"), item.get("text"))
+    return total
 
 
 def _completion_budget(body: dict[str, Any]) -> int:
@@ -35,7 +44,7 @@ def _completion_budget(body: dict[str, Any]) -> int:
         (body[f] for f in _BUDGET_FIELDS if isinstance(body.get(f), int)), DEFAULT_COMPLETION_TOKENS
     )
     n = body.get("n")
-    return max(0, budget) * (n if isinstance(n, int) and n > 1 else 1)
+    return min(max(0, budget), MAX_COMPLETION_TOKENS) * (min(n, MAX_N) if isinstance(n, int) and n > 1 else 1)
 
 
 def estimate_tokens(endpoint: str, body: dict[str, Any] | None) -> int:

@@ -38,6 +38,9 @@ class StreamAssembler:
         self._response: dict[str, Any] | None = None
         self._raw: list[Any] = []
         self._object: str | None = None
+        # `data:` payloads that were not JSON (nor [DONE]): a broken upstream on the OpenAI
+        # endpoints, whose events are always JSON.
+        self.invalid_events = 0
 
     def feed(self, events: bytes) -> None:
         """Consume complete SSE events (text ending in a blank line)."""
@@ -54,6 +57,7 @@ class StreamAssembler:
         try:
             event = orjson.loads(data)
         except orjson.JSONDecodeError:
+            self.invalid_events += 1
             self._keep_raw(data.decode("utf-8", "replace"))
             return
         if not isinstance(event, dict):

@@ -23,6 +23,7 @@ from gateway.errors import (
     UpstreamUnreachable,
 )
 from gateway.limits.headers import merge_rate_limit_headers
+from gateway.local.client import LocalBackendError
 from gateway.proxy.assemble import StreamAssembler
 from gateway.proxy.exchange import Exchange, loggable_body
 from gateway.proxy.view import RequestView
@@ -42,13 +43,27 @@ LOCAL_ENDPOINT = "/v1/chat/completions"
 _LOCAL_HEADERS = ((b"content-type", b"application/json"),)
 FAILOVER_ERRORS = (UpstreamUnreachable, UpstreamTimeout, CircuitOpen)
 _DONE = b"data: [DONE]"
+# OpenAI's endpoints, whose answers are JSON (or SSE events of JSON) whatever the upstream
+# labels them: an HTML page or a broken event there is a fault, not an answer to pass on.
+JSON_ENDPOINTS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models"}
+)
 
 
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+def _header(headers: list[tuple[bytes, bytes]], name: bytes, encoding: str = "latin-1") -> str | None:
     for key, value in headers:
         if key == name:
-            return value.decode("latin-1")
+            return value.decode(encoding, "replace")
     return None
+
+
+def _header_text(raw: bytes) -> str:
+    """A header value as text that aiohttp, which writes headers as UTF-8, sends back as the
+    same bytes (any UTF-8 or ASCII value); other bytes go as their Latin-1 reading."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def forward_headers(
@@ -64,7 +79,7 @@ def forward_headers(
             continue
         if (api_key or drop_client_key) and name in ("authorization", "api-key", "x-api-key"):
             continue
-        out[name] = raw_value.decode("latin-1")
+        out[name] = _header_text(raw_value)
     if api_key:
         out["authorization"] = f"Bearer {api_key}"
     return out
@@ -134,23 +149,28 @@ class ProxyHandler:
         content_type = _header(headers, b"content-type") or ""
         ex.request_text = loggable_body(raw, content_type)
         view = RequestView.parse(raw, content_type)
-        route = self.services.routes.resolve(view.model, _header(headers, ROUTE_HEADER))
+        # UTF-8, as clients send it: an unknown route's name is echoed back in the error.
+        route = self.services.routes.resolve(view.model, _header(headers, ROUTE_HEADER, "utf-8"))
         ex.route, ex.model, ex.stream = route.name, view.model, view.stream
         ex.request_body = view.body
-        body = raw
+        body, sent = raw, view
         if route.upstream_model and view.body is not None:
+            # Upstreams that read the parsed body (litellm) must see the rewritten model too.
+            sent = view.for_model(route.upstream_model)
             body = view.with_model(raw, route.upstream_model)
             ex.upstream_model = route.upstream_model
         upstream = self.services.upstreams[route.upstream]
-        if self.services.controller is not None and upstream.api_key is None:
+        drop_client_key = guard is not None and guard.requires_keys
+        if self.services.controller is not None and upstream.api_key is None and not drop_client_key:
+            # A gateway client key never goes upstream: not with its request, nor in judge calls.
             self.services.remember_client_auth(route.upstream, _header(headers, b"authorization"))
         request = UpstreamRequest(
             method=ex.method,
             path=upstream_path(scope),
             query=scope.get("query_string", b"").decode("latin-1"),
-            headers=forward_headers(headers, upstream.api_key, guard is not None and guard.requires_keys),
+            headers=forward_headers(headers, upstream.api_key, drop_client_key),
             body=body,
-            view=view,
+            view=sent,
         )
         if guard is None:
             await self._forward(ex, upstream, request, receive, send)
@@ -191,6 +211,7 @@ class ProxyHandler:
                 return await self._send_local(ex, request, adapter, "local")
             except GatewayError as exc:
                 log.warning("route %s: local backend failed (%s); the cloud answers", ex.route, exc.message)
+                ex.error = f"local backend failed ({exc.message}); the cloud answered"
         try:
             response = await upstream.send(request)
         except FAILOVER_ERRORS as exc:
@@ -223,7 +244,10 @@ class ProxyHandler:
     ) -> UpstreamResponse:
         services = self.services
         assert services.controller is not None and services.local_upstream is not None
-        await services.controller.ensure_loaded(ex.route, adapter)
+        try:
+            await services.controller.ensure_loaded(ex.route, adapter)
+        except LocalBackendError as exc:  # e.g. restarting after a crash: not up yet
+            raise UpstreamUnreachable(str(exc)) from None
         local_request = UpstreamRequest(
             method=request.method,
             path=request.path,
@@ -247,20 +271,22 @@ class ProxyHandler:
         if ex.status >= 400:
             ex.outcome = "error"
             ex.error = f"upstream answered {ex.status}"
-        elif "json" in response.content_type:
-            self._read_answer(ex, payload)
+        elif "json" in response.content_type or (ex.status < 300 and ex.endpoint in JSON_ENDPOINTS):
+            self._read_answer(ex, payload, response.content_type)
         await self.services.commit(ex)
         headers = [*_response_headers(ex, response), (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": ex.status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
     @staticmethod
-    def _read_answer(ex: Exchange, payload: bytes) -> None:
+    def _read_answer(ex: Exchange, payload: bytes, content_type: str) -> None:
         try:
             answer = orjson.loads(payload)
         except orjson.JSONDecodeError:
             # Passing a broken 200 on would only move the failure into the client's parser.
-            raise BadUpstreamResponse("the upstream's answer is not valid JSON") from None
+            raise BadUpstreamResponse(
+                f"the upstream's answer is not valid JSON (content type {content_type or 'none'!r})"
+            ) from None
         if not isinstance(answer, dict):
             return
         ex.answer = answer
@@ -293,7 +319,7 @@ class ProxyHandler:
         ex.first_token_at = assembler.first_token_at
         ex.usage = assembler.usage
         ex.answer = assembler.result()
-        ex.response_text = orjson.dumps(ex.answer).decode()
+        ex.response_text = loggable_body(orjson.dumps(ex.answer), "application/json")
         if ex.outcome == "ok" and "length" in assembler.finish_reasons:
             ex.outcome = "truncated"
         if ex.status >= 400 and ex.outcome == "ok":
@@ -327,13 +353,13 @@ class ProxyHandler:
                 events, held = events[:done_at], events[done_at:] + buffer
                 buffer = b""
             if events:
-                assembler.feed(events)
+                _feed(ex, assembler, events)
                 await send({"type": "http.response.body", "body": events, "more_body": True})
             if disconnected.is_set():
                 ex.outcome, ex.error = "disconnected", "the client disconnected mid-stream"
                 return b""
         if buffer:  # an unterminated last event: pass it on as it came
-            assembler.feed(buffer + b"\n\n")
+            _feed(ex, assembler, buffer + b"\n\n")
             held = buffer + held
         return held
 
@@ -346,6 +372,14 @@ class ProxyHandler:
         headers = [*exc.headers(), *ex.gateway_headers(), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _feed(ex: Exchange, assembler: StreamAssembler, events: bytes) -> None:
+    """Assemble whole events; a broken one on an OpenAI endpoint ends the stream (before it
+    reaches the client, whose SDK would fail on it with a parse error instead)."""
+    assembler.feed(events)
+    if assembler.invalid_events and ex.endpoint in JSON_ENDPOINTS:
+        raise BadUpstreamResponse("the upstream's stream carried an event that is not valid JSON")
 
 
 def _response_headers(ex: Exchange, response: UpstreamResponse) -> list[tuple[bytes, bytes]]:

@@ -45,4 +45,12 @@ class RequestView:
     def with_model(self, raw: bytes, model: str) -> bytes:
         """The body with `model` replaced (only when a route rewrites it)."""
         assert self.body is not None
-        return orjson.dumps({**self.body, "model": model})
+        try:
+            return orjson.dumps({**self.body, "model": model})
+        except orjson.JSONEncodeError:  # orjson writes 254 levels, where it reads 1024
+            raise InvalidRequest("the request body nests too deeply", code="invalid_json") from None
+
+    def for_model(self, model: str) -> RequestView:
+        """This view with `model` in place of the client's, as a rewriting route sends it."""
+        assert self.body is not None
+        return RequestView({**self.body, "model": model}, model, self.stream, self.include_usage)

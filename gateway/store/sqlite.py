@@ -7,7 +7,6 @@ connection (the log writer's thread) and one reader connection per reading threa
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 import threading
 import time
@@ -92,10 +91,20 @@ def _row_to_dict(row: sqlite3.Row, json_columns: tuple[str, ...] = _JSON_COLUMNS
     for column in json_columns:
         text = record.get(column)
         if text is not None:
-            # A non-JSON body (or one cut at the size cap) stays text.
-            with contextlib.suppress(orjson.JSONDecodeError):
-                record[column] = orjson.loads(text)
+            record[column] = _json_or_text(text)
     return record
+
+
+def _json_or_text(text: str) -> Any:
+    """A JSON column's value; its text when it is not JSON (a non-JSON body, or one cut at the
+    size cap) or nests too deeply to be written out again in a page of records: orjson reads
+    1024 levels but writes 254, and a client chooses how deep its body nests."""
+    try:
+        value = orjson.loads(text)
+        orjson.dumps([[[value]]])  # the levels a page of records puts around it
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        return text
+    return value
 
 
 def _where(where: RecordFilter) -> tuple[str, list[Any]]:
@@ -159,10 +168,12 @@ class SQLiteStore:
         try:
             # Not dataclasses.astuple: it deep-copies every field (13 us a record, on the GIL).
             conn.executemany(sql, [tuple(getattr(record, c) for c in _COLUMNS) for record in records])
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk does): keep the first error.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def list_records(self, where: RecordFilter, limit: int) -> list[dict[str, Any]]:
         """Newest first; page on with `RecordFilter(before_id=<last id>)`."""

@@ -40,6 +40,7 @@ class LogWriter:
         store: Store,
         max_batch: int = 512,
         spill_limit: int = 100_000,
+        warn_depth: int = 10_000,
         on_written: Callable[[int], None] | None = None,
         on_lost: Callable[[int], None] | None = None,
     ):
@@ -59,6 +60,8 @@ class LogWriter:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._retry_at = 0.0
+        self._warn_depth = warn_depth
+        self._warned_at = -60.0
 
     @property
     def depth(self) -> int:
@@ -99,10 +102,17 @@ class LogWriter:
         stopping = False
         while not stopping:
             batch, futures, stopping = self._take_batch()
+            self._warn_if_behind()
             durable = self._write(batch)
             if futures and self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(_resolve, futures, durable)
         self._final_flush()
+
+    def _warn_if_behind(self) -> None:
+        depth = self.depth
+        if depth > self._warn_depth and time.monotonic() - self._warned_at > 10:
+            self._warned_at = time.monotonic()
+            log.warning("log store is behind: %d records waiting to be written", depth)
 
     def _take_batch(self) -> tuple[list[LogRecord], list[asyncio.Future[bool]], bool]:
         timeout = max(0.0, self._retry_at - time.monotonic()) if self._spill else None

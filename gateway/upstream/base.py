@@ -43,7 +43,8 @@ def client_facing_headers(items: list[tuple[str, str]]) -> list[tuple[bytes, byt
             continue
         if lowered == "x-request-id":
             lowered = "x-upstream-request-id"
-        out.append((lowered.encode("latin-1"), value.encode("latin-1")))
+        # aiohttp decoded the bytes as UTF-8 with surrogateescape: this gives them back as sent.
+        out.append((lowered.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape")))
     return out
 
 

@@ -17,6 +17,23 @@ from gateway.errors import GatewayError, InvalidRequest, NotFound, UpstreamTimeo
 from gateway.settings import UpstreamSettings
 from gateway.upstream.base import UpstreamRequest
 
+# The request fields handed on to litellm: OpenAI's own chat and embeddings parameters.
+# litellm reads its control arguments (api_base, base_url, api_key, custom_llm_provider,
+# extra_headers, mock_response, ...) from the same keyword arguments, so anything else in a
+# client's body is refused: a client must never choose where or as whom the gateway calls,
+# nor script the answer that gets logged and trained on.
+OPENAI_PARAMS = frozenset(
+    {
+        "messages", "model", "audio", "frequency_penalty", "function_call", "functions",
+        "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "modalities", "n",
+        "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key",
+        "reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier",
+        "stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools",
+        "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
+        # embeddings
+        "input", "dimensions", "encoding_format",
+    }
+)  # fmt: skip
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
@@ -90,6 +107,11 @@ class LiteLLMUpstream:
         body = request.view.body
         if body is None:
             raise InvalidRequest("this upstream takes JSON requests only")
+        unknown = sorted(set(body) - OPENAI_PARAMS)
+        if unknown:
+            raise InvalidRequest(
+                f"unrecognized request argument supplied: {unknown[0][:64]!r}", code="unknown_parameter"
+            )
         args = {k: v for k, v in body.items() if k not in ("model", "stream_options")}
         args["model"] = self.settings.model_prefix + str(body.get("model", ""))
         if self.api_key:
