@@ -16,11 +16,12 @@ from starlette.exceptions import HTTPException
 
 from gateway.errors import GatewayError
 from gateway.limits.clock import Clock
+from gateway.origin import refuse_cross_origin
 from gateway.proxy.handler import ProxyHandler
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.web import admin, health
-from gateway.web.common import handle_gateway_error, handle_http_error
+from gateway.web.common import error_response, handle_gateway_error, handle_http_error
 from gateway.web.timeline import Timeline
 
 
@@ -51,8 +52,14 @@ class UnderstudyApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             await self.proxy(scope, receive, send)
-        else:
-            await self.web(scope, receive, send)
+            return
+        if scope["type"] == "http":
+            try:
+                refuse_cross_origin(scope)
+            except GatewayError as exc:
+                await error_response(exc)(scope, receive, send)
+                return
+        await self.web(scope, receive, send)
 
 
 def create_app(settings: Settings, clock: Clock | None = None) -> UnderstudyApp:

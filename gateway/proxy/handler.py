@@ -24,6 +24,7 @@ from gateway.errors import (
 )
 from gateway.limits.headers import merge_rate_limit_headers
 from gateway.local.client import LocalBackendError
+from gateway.origin import refuse_cross_origin
 from gateway.proxy.assemble import StreamAssembler
 from gateway.proxy.exchange import Exchange, loggable_body
 from gateway.proxy.view import RequestView
@@ -141,6 +142,7 @@ class ProxyHandler:
 
     async def _handle(self, ex: Exchange, scope: Scope, receive: Any, send: Any) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
+        refuse_cross_origin(scope)
         guard = self.services.guard
         key = guard.authenticate(headers) if guard is not None else None
         if key is not None:

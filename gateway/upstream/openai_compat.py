@@ -7,6 +7,7 @@ are filtered. Timeouts: connect, idle read (between two chunks, first byte inclu
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,7 +29,9 @@ def translate_error(exc: BaseException, upstream: str) -> GatewayError:
         return UpstreamTimeout(f"upstream {upstream!r} did not answer in time")
     reason = type(exc).__name__
     if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
+        # Not the OS error's own text: it names the upstream's address, not the client's business.
+        errno_ = exc.os_error.errno
+        reason = f"cannot connect ({os.strerror(errno_) if errno_ else type(exc.os_error).__name__})"
     elif isinstance(exc, aiohttp.ServerDisconnectedError):
         reason = "the upstream closed the connection"
     elif isinstance(exc, aiohttp.ClientPayloadError):

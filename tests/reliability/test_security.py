@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -729,3 +730,35 @@ def test_a_client_key_is_never_borrowed_for_judge_calls(
     assert fake_cloud.cloud.requests, "the spot check reached the cloud"
     for request in [*fake_cloud.cloud.requests, *fake_local.cloud.requests]:
         assert client_key not in repr(dict(request.headers)), request.headers
+
+
+async def test_cross_origin_browser_requests_are_refused(gateway_factory: Any) -> None:
+    """A page elsewhere cannot make a browser spend the upstream's credits or flip a route
+    through a gateway on the user's machine; the dashboard (same origin) and SDKs (no Origin)
+    are unaffected."""
+    gateway = gateway_factory()
+    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+    host = gateway.url.removeprefix("http://")
+    async with aiohttp.ClientSession() as session:
+        for origin in ("https://evil.example", "null", f"http://{host}.evil.example"):
+            for path, data in (
+                ("/v1/chat/completions", body),
+                ("/admin/routes/default/mode", b'{"mode": "cloud"}'),
+            ):
+                headers = {"origin": origin, "content-type": "text/plain"}
+                async with session.post(gateway.url + path, data=data, headers=headers) as response:
+                    assert response.status == 403, (origin, path)
+                    assert (await response.json())["error"]["code"] == "cross_origin"
+        for site in ("cross-site", "same-site"):  # what browsers send, Origin or not
+            headers = {"sec-fetch-site": site, "content-type": "text/plain"}
+            async with session.post(
+                gateway.url + "/v1/chat/completions", data=body, headers=headers
+            ) as response:
+                assert response.status == 403, site
+        same = {"origin": gateway.url, "content-type": "application/json"}
+        async with session.post(gateway.url + "/v1/chat/completions", data=body, headers=same) as response:
+            assert response.status == 200
+        async with session.post(gateway.url + "/v1/chat/completions", data=body) as response:
+            assert response.status == 200
+    records = gateway.wait_for_records(7)
+    assert sorted(r["status"] for r in records) == [200, 200, 403, 403, 403, 403, 403]
