@@ -137,6 +137,12 @@ class Services:
             await ex.settle()
         await self.writer.submit(ex.record())
 
+    @property
+    def local_up(self) -> bool:
+        """False while the supervised local backend is known to be down (an external one is
+        assumed up: its failures show per request)."""
+        return self.backend is None or self.backend.healthy.is_set()
+
     def _loop_tasks(self) -> int:
         return 0 if self.loop is None else len(asyncio.all_tasks(self.loop))
 

@@ -208,7 +208,10 @@ class ProxyHandler:
         if controller is None or ex.endpoint != LOCAL_ENDPOINT or request.view.body is None:
             return await upstream.send(request)
         adapter = controller.serving(ex.route)
-        if adapter is not None:
+        if adapter is not None and not self.services.local_up:
+            # Known down (the supervisor is restarting it): no attempt, no warning per request.
+            ex.error = "the local backend is restarting; the cloud answered"
+        elif adapter is not None:
             try:
                 return await self._send_local(ex, request, adapter, "local")
             except GatewayError as exc:
@@ -232,7 +235,7 @@ class ProxyHandler:
     ) -> UpstreamResponse:
         controller = self.services.controller
         adapter = controller.failover_adapter(ex.route) if controller is not None else None
-        if adapter is None:
+        if adapter is None or not self.services.local_up:
             raise cause
         try:
             response = await self._send_local(ex, request, adapter, "failover")

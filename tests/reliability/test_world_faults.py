@@ -298,6 +298,11 @@ def test_local_backend_killed_mid_request_fails_over_to_the_cloud(local_gateway:
     for sent in meanwhile:  # each answered and logged, by whichever backend said so
         record = records[sent.headers["x-request-id"]]
         assert record["status"] == 200 and record["backend"] == sent.headers["x-understudy-backend"]
+    # while the supervisor restarts it, requests go straight to the cloud, saying why
+    by_cloud = [records[s.headers["x-request-id"]] for s in meanwhile]
+    assert any(
+        "local backend is restarting" in (r["error"] or "") for r in by_cloud if r["backend"] == "cloud"
+    )
     assert gateway.app.services.backend is not None and gateway.app.services.backend.restarts == 2
 
 
