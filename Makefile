@@ -51,8 +51,11 @@ unit: dev
 test: lint typecheck
 	$(VENV)/bin/pytest -q
 
+# Every benchmark in one run (~15 min on 2 cores), then docs/BENCHMARKS.md and docs/bench/*.png.
+# First use creates bench/.litellm-venv and builds bench/.llamacpp-venv (network, ~10 min).
+# Smoke run without the network: $(PY) bench/run_all.py --quick --skip-litellm --skip-llamacpp
 bench: dev
-	$(PY) bench/proxy_overhead.py
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV) .understudy .pytest_cache .mypy_cache .ruff_cache

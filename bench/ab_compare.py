@@ -1,7 +1,7 @@
-"""Before/after for the gateway's hot path: the working tree against a git ref, both behind
-the same fake upstream, measured in interleaved rounds in one run.
+"""Before/after for the gateway's hot path: the working tree (or --candidate DIR) against a
+git ref, both behind the same fake upstream, measured in interleaved rounds in one run.
 
-    .venv/bin/python bench/ab_compare.py [--baseline HEAD] [--requests 3000] [--rounds 5]
+    .venv/bin/python bench/ab_compare.py [--baseline HEAD] [--candidate DIR] [--requests 3000] [--rounds 5]
 
 The baseline is `git archive`d into a temporary folder and run with the same interpreter
 (its folder first on PYTHONPATH), so the only difference is the gateway's own code.
@@ -55,6 +55,7 @@ def start_gateway(code: Path, workdir: Path, upstream_port: int) -> subprocess.P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="HEAD")
+    parser.add_argument("--candidate", type=Path, default=REPO, help="a source tree (default: this one)")
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
@@ -72,7 +73,7 @@ def main() -> None:
         wait_port(upstream_port)
         gateways = {
             args.baseline: start_gateway(base, Path(tmp) / "a", upstream_port),
-            "working tree": start_gateway(REPO, Path(tmp) / "b", upstream_port),
+            str(args.candidate): start_gateway(args.candidate, Path(tmp) / "b", upstream_port),
         }
         results: dict[tuple[str, int], list[dict[str, float]]] = {}
         try:
