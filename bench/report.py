@@ -539,6 +539,9 @@ def render(results: Path = RESULTS, docs: Path = REPO / "docs" / "BENCHMARKS.md"
         "## Targets",
         "",
         *table(["target", "measured", ""], checks or [["(none evaluated in this run)", "", ""]]),
+        "",
+        "Where the gateway's time goes, and what the profile changed: [PROFILING.md](PROFILING.md).",
+        "",
     ]
     text = "\n".join(head + body + steps_section(meta)).rstrip() + "\n"
     docs.parent.mkdir(parents=True, exist_ok=True)
