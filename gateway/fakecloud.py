@@ -16,6 +16,7 @@ Behaviour is chosen by the request's `model` (like TensorZero's dummy provider):
   html                   a 200 HTML page (a proxy or portal in the way, not the API)
   endless                an answer that never ends, streamed or not
   endless-<n>            a stream that never ends, <n> characters an event
+  huge-<n>               answers <n> characters of text
 An `answer` function can script the reply text instead (the demo's narrow task).
 Every request seen is kept in `requests` (method, path, headers, body) for assertions.
 """
@@ -171,6 +172,8 @@ class FakeCloud:
             return self.answer(body)
         if model.startswith("json"):
             return orjson.dumps({"answer": _last_user_text(body), "ok": True}).decode()
+        if model.startswith("huge-"):
+            return "x" * int(model.split("-")[1])
         return f"echo: {_last_user_text(body)}"
 
     async def chat(self, request: web.Request) -> web.StreamResponse:

@@ -50,6 +50,9 @@ class UpstreamSettings(_Strict):
     # Longest silence allowed between two bytes of an upstream answer (first byte included).
     read_timeout_s: float = Field(300.0, gt=0)
     max_connections: int = Field(512, ge=1)
+    # A non-streamed answer is read whole before it is logged and sent on: larger ones are a
+    # 502, so no upstream can exhaust the gateway's memory. Streams are relayed as they come.
+    max_response_bytes: int = Field(256 * 1024 * 1024, ge=1)
     limits: LimitSettings | None = None
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()

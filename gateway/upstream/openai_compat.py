@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import BadUpstreamResponse, GatewayError, UpstreamTimeout, UpstreamUnreachable
 from gateway.settings import UpstreamSettings
 from gateway.upstream.base import UpstreamRequest, client_facing_headers
 
@@ -40,11 +40,12 @@ def translate_error(exc: BaseException, upstream: str) -> GatewayError:
 
 
 class AiohttpResponse:
-    __slots__ = ("_response", "_upstream", "content_type", "headers", "status")
+    __slots__ = ("_limit", "_response", "_upstream", "content_type", "headers", "status")
 
-    def __init__(self, response: aiohttp.ClientResponse, upstream: str):
+    def __init__(self, response: aiohttp.ClientResponse, upstream: str, limit: int):
         self._response = response
         self._upstream = upstream
+        self._limit = limit
         self.status = response.status
         self.content_type = response.headers.get("Content-Type", "")
         self.headers = client_facing_headers(list(response.headers.items()))
@@ -54,12 +55,31 @@ class AiohttpResponse:
         return self.content_type.startswith("text/event-stream")
 
     async def read(self) -> bytes:
+        """The whole body, at most `max_response_bytes` of it (else 502, connection closed)."""
+        declared = self._response.content_length
+        if declared is not None and declared > self._limit:
+            self.close()
+            raise self._too_large()
+        chunks: list[bytes] = []
+        size = 0
         try:
-            return await self._response.read()
+            async for chunk in self._response.content.iter_any():
+                size += len(chunk)
+                if size > self._limit:
+                    self.close()
+                    raise self._too_large()
+                chunks.append(chunk)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise translate_error(exc, self._upstream) from None
         finally:
             self._response.release()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _too_large(self) -> BadUpstreamResponse:
+        return BadUpstreamResponse(
+            f"upstream {self._upstream!r} answered more than the {self._limit}-byte limit "
+            "(upstream.max_response_bytes)"
+        )
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -110,7 +130,7 @@ class OpenAICompatUpstream:
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise translate_error(exc, self.name) from None
-        return AiohttpResponse(response, self.name)
+        return AiohttpResponse(response, self.name, self.settings.max_response_bytes)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "provider": "openai", "base_url": self.base_url}

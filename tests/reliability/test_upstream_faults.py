@@ -284,3 +284,29 @@ async def test_endless_stream_record_is_capped(gateway: RunningGateway) -> None:
     (record,) = await asyncio.to_thread(gateway.wait_for_records, 1)
     assert record["outcome"] == "error" and record["response"]["truncated"] is True
     assert len(record["response"]["text"]) == 1 << 20
+
+
+async def test_an_answer_over_the_size_limit_is_a_502_not_a_memory_spike(
+    gateway_factory: GatewayFactory, fake_cloud: FakeCloudServer
+) -> None:
+    """A non-streamed answer is read whole before it is logged: beyond max_response_bytes it
+    is refused (declared length or not), and the connection is not reused."""
+    gateway = gateway_factory(upstream={"base_url": fake_cloud.base_url, "max_response_bytes": 100_000})
+    baseline = await settled(gateway, fake_cloud.port)
+    async with aiohttp.ClientSession() as session:
+        fits = await send(session, gateway.url, "huge-50000", False, "fits")
+        too_big = await send(session, gateway.url, "huge-200000", False, "too big")
+    assert fits.status == 200 and len(orjson.loads(fits.body)["choices"][0]["message"]["content"]) == 50_000
+    assert too_big.status == 502 and too_big.error_code(False) == "upstream_invalid_response"
+    assert "100000-byte limit" in orjson.loads(too_big.body)["error"]["message"]
+    records = await asyncio.to_thread(gateway.wait_for_records, 2)
+    assert sorted(r["status"] for r in records) == [200, 502]
+    after = await settled(gateway, fake_cloud.port, baseline)
+    assert not after.problems(baseline), after
+
+    # no declared length: counted as it arrives (a trickle of ~100 bytes/s passes 64 in ~1 s)
+    small = gateway_factory(upstream={"base_url": fake_cloud.base_url, "max_response_bytes": 64})
+    async with aiohttp.ClientSession() as session:
+        endless = await send(session, small.url, "endless", False, "never ends")
+    assert endless.status == 502 and endless.error_code(False) == "upstream_invalid_response"
+    assert endless.seconds < 10  # the limit, long before the 600 s total timeout
