@@ -31,6 +31,7 @@ from gateway.proxy.view import RequestView
 from gateway.upstream.base import HOP_BY_HOP, Upstream, UpstreamRequest, UpstreamResponse
 
 if TYPE_CHECKING:
+    from gateway.adaptive.controller import AdaptiveController
     from gateway.services import Services
 
 log = logging.getLogger("understudy.proxy")
@@ -178,15 +179,18 @@ class ProxyHandler:
             await self._forward(ex, upstream, request, receive, send)
             return
         # A route the local model serves waits in the local backend's pool, not the cloud's.
-        controller = self.services.controller
-        local = (
-            controller is not None
-            and ex.endpoint == LOCAL_ENDPOINT
-            and view.body is not None
-            and controller.serving(route.name) is not None
-        )
+        controller = self._local_controller(ex, view)
+        local = controller is not None and controller.serving(route.name) is not None
         async with guard.admit(ex, key, route, view, route.upstream, "local" if local else "cloud"):
             await self._forward(ex, upstream, request, receive, send)
+
+    def _local_controller(self, ex: Exchange, view: RequestView) -> AdaptiveController | None:
+        """The adaptive controller when the local model may answer this request (a chat
+        completion with a JSON body and the cycle on); else None."""
+        controller = self.services.controller
+        if controller is None or ex.endpoint != LOCAL_ENDPOINT or view.body is None:
+            return None
+        return controller
 
     async def _forward(
         self, ex: Exchange, upstream: Upstream, request: UpstreamRequest, receive: Any, send: Any
@@ -204,8 +208,8 @@ class ProxyHandler:
         """The local adapter when the route serves locally (the cloud if the local backend
         fails before answering); else the cloud, failing over to a passed adapter when the
         cloud fails before the first byte."""
-        controller = self.services.controller
-        if controller is None or ex.endpoint != LOCAL_ENDPOINT or request.view.body is None:
+        controller = self._local_controller(ex, request.view)
+        if controller is None:
             return await upstream.send(request)
         adapter = controller.serving(ex.route)
         if adapter is not None and not self.services.local_up:
