@@ -20,36 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy_overhead import REPO, free_port, run_load, wait_port
-
-
-def start_gateway(code: Path, workdir: Path, upstream_port: int) -> subprocess.Popen[bytes]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    config = workdir / "gateway.yaml"
-    config.write_text(
-        f"upstream:\n  base_url: http://127.0.0.1:{upstream_port}/v1\nlocal:\n  enabled: false\n"
-        f"data_dir: {workdir / 'data'}\n"
-    )
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env={**os.environ, "PYTHONPATH": str(code)},
-        cwd=workdir,
-    )
-    wait_port(port)
-    process.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
-    return process
+from proxy_overhead import REPO, free_port, run_load, start_gateway, wait_port
 
 
 def main() -> None:
@@ -72,20 +43,20 @@ def main() -> None:
         )
         wait_port(upstream_port)
         gateways = {
-            args.baseline: start_gateway(base, Path(tmp) / "a", upstream_port),
-            str(args.candidate): start_gateway(args.candidate, Path(tmp) / "b", upstream_port),
+            args.baseline: start_gateway(Path(tmp) / "a", upstream_port, base),
+            str(args.candidate): start_gateway(Path(tmp) / "b", upstream_port, args.candidate),
         }
         results: dict[tuple[str, int], list[dict[str, float]]] = {}
         try:
-            for process in gateways.values():  # warm-up
-                asyncio.run(run_load(process.url, 500, 8))  # type: ignore[attr-defined]
+            for _, url in gateways.values():  # warm-up
+                asyncio.run(run_load(url, 500, 8))
             for _ in range(args.rounds):
                 for concurrency in args.concurrency:
-                    for name, process in gateways.items():
-                        load = run_load(process.url, args.requests, concurrency)  # type: ignore[attr-defined]
+                    for name, (_, url) in gateways.items():
+                        load = run_load(url, args.requests, concurrency)
                         results.setdefault((name, concurrency), []).append(asyncio.run(load))
         finally:
-            for process in [upstream, *gateways.values()]:
+            for process in [upstream, *(gateway for gateway, _ in gateways.values())]:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=30)
     print(f"{args.requests} requests per cell, median of {args.rounds} interleaved rounds\n")

@@ -52,18 +52,19 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def start_processes(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], str, str, int]:
-    upstream_port, gateway_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "gateway.fakecloud", "--port", str(upstream_port)], env=env, cwd=workdir
-    )
+def start_gateway(
+    workdir: Path, upstream_port: int, code: Path = REPO
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`understudy serve` from the source tree `code`, logging on, local backend off, in front
+    of the fake upstream; returns the process and its URL once it listens."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
     config = workdir / "gateway.yaml"
     config.write_text(
         f"upstream:\n  base_url: http://127.0.0.1:{upstream_port}/v1\nlocal:\n  enabled: false\n"
         f"data_dir: {workdir / 'data'}\n"
     )
-    gateway = subprocess.Popen(
+    process = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -72,21 +73,27 @@ def start_processes(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], str, 
             "--config",
             str(config),
             "--port",
-            str(gateway_port),
+            str(port),
             "--log-level",
             "warning",
         ],
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(code)},
+        cwd=workdir,
+    )
+    wait_port(port)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def start_processes(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], str, str, int]:
+    upstream_port = free_port()
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "gateway.fakecloud", "--port", str(upstream_port)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         cwd=workdir,
     )
     wait_port(upstream_port)
-    wait_port(gateway_port)
-    return (
-        [upstream, gateway],
-        f"http://127.0.0.1:{upstream_port}",
-        f"http://127.0.0.1:{gateway_port}",
-        gateway.pid,
-    )
+    gateway, url = start_gateway(workdir, upstream_port)
+    return [upstream, gateway], f"http://127.0.0.1:{upstream_port}", url, gateway.pid
 
 
 async def run_load(url: str, total: int, concurrency: int) -> dict[str, float]:
