@@ -38,7 +38,7 @@ def main() -> None:
         subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
         upstream_port = free_port()
         upstream = subprocess.Popen(
-            [sys.executable, "-m", "gateway.fakecloud", "--port", str(upstream_port)],
+            [sys.executable, "-m", "gateway.demo.fakecloud", "--port", str(upstream_port)],
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
         wait_port(upstream_port)

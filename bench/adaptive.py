@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from gateway.app import create_app  # noqa: E402
 from gateway.demo import task  # noqa: E402
+from gateway.demo.fakecloud import FakeCloud, FakeCloudServer  # noqa: E402
 from gateway.demo.run import CLOUD_MODEL, ROUTE, GatewayThread, demo_settings, free_port, same_json  # noqa: E402
-from gateway.fakecloud import FakeCloud, FakeCloudServer  # noqa: E402
 
 
 def litellm_prices(model: str) -> tuple[float, float]:

@@ -85,7 +85,7 @@ def start(args: argparse.Namespace, workdir: Path) -> tuple[list[subprocess.Pope
     upstream_port, gateway_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     upstream = subprocess.Popen(
-        [sys.executable, "-m", "gateway.fakecloud", "--port", str(upstream_port)], env=env, cwd=workdir
+        [sys.executable, "-m", "gateway.demo.fakecloud", "--port", str(upstream_port)], env=env, cwd=workdir
     )
     config = workdir / "gateway.yaml"
     config.write_text(config_text(args, upstream_port, workdir / "data"))

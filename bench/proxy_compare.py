@@ -3,7 +3,7 @@
     .venv/bin/python bench/proxy_compare.py [--requests 2000] [--litellm-requests 300] [--rounds 3]
                                             [--concurrency 1 8 32 128] [--skip-litellm]
 
-Processes: the fake upstream (`gateway.fakecloud`), Understudy (`understudy serve`, local
+Processes: the fake upstream (`gateway.demo.fakecloud`), Understudy (`understudy serve`, local
 backend off, request logging on into SQLite in a temp data dir, its default log level), LiteLLM's
 proxy (`litellm --config`, its own venv, no database, default logging/callbacks), one worker
 each; the load generator (`bench/loadgen.py`) is a fresh process per cell. The same chat
@@ -55,7 +55,7 @@ class Target:
 
 def start_fakecloud(services: Services, workdir: Path) -> tuple[Service, str]:
     port = free_port()
-    command = [sys.executable, "-m", "gateway.fakecloud", "--port", str(port)]
+    command = [sys.executable, "-m", "gateway.demo.fakecloud", "--port", str(port)]
     service = services.start("fakecloud", command, workdir / "fakecloud.log", cwd=REPO)
     service.wait_http(f"http://127.0.0.1:{port}/v1/models")
     return service, f"http://127.0.0.1:{port}"

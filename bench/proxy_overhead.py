@@ -87,7 +87,7 @@ def start_gateway(
 def start_processes(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], str, str, int]:
     upstream_port = free_port()
     upstream = subprocess.Popen(
-        [sys.executable, "-m", "gateway.fakecloud", "--port", str(upstream_port)],
+        [sys.executable, "-m", "gateway.demo.fakecloud", "--port", str(upstream_port)],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         cwd=workdir,
     )

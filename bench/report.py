@@ -225,7 +225,7 @@ def proxy_section(meta: dict[str, Any], results: Path, docs: Path, checks: list[
     s = proxy["settings"]
     litellm_on = "litellm" in proxy["summary"]
     lines += [
-        "One fake upstream (`gateway.fakecloud`, its own process, answers at once) behind each target; "
+        "One fake upstream (`gateway.demo.fakecloud`, its own process, answers at once) behind each target; "
         "the load generator (`bench/loadgen.py`, aiohttp, a fresh process per cell) sends the same small chat "
         f"request, non-streamed and streamed, {s['requests']} requests per cell to direct and Understudy"
         + (f", {s['litellm_requests']} to LiteLLM" if litellm_on else "")

@@ -12,6 +12,9 @@ from typing import Any
 import orjson
 
 from gateway.adaptive.controller import AdaptiveController
+from gateway.domain import LOCAL_ENDPOINT
+from gateway.domain.exchange import Exchange, usage_tokens
+from gateway.domain.view import RequestView
 from gateway.errors import GatewayError, UpstreamUnreachable
 from gateway.limits.clock import Clock
 from gateway.limits.guard import Guard, limits_configured
@@ -19,8 +22,6 @@ from gateway.local.client import LocalBackendClient
 from gateway.local.supervisor import BackendSupervisor
 from gateway.metrics import Metrics
 from gateway.pricing import CostMeter, PriceBook
-from gateway.proxy.exchange import Exchange, usage_tokens
-from gateway.proxy.view import RequestView
 from gateway.routing import RouteTable
 from gateway.settings import DEFAULT_UPSTREAM, Settings, UpstreamSettings
 from gateway.store import Store, open_store
@@ -29,8 +30,6 @@ from gateway.upstream import Upstream, UpstreamRequest, build_upstream
 from gateway.upstream.resilience import ResilientUpstream, make_resilient
 
 log = logging.getLogger("understudy")
-
-LOCAL_ENDPOINT = "/v1/chat/completions"
 
 
 async def _send_read(upstream: Upstream, request: UpstreamRequest) -> tuple[int, bytes]:

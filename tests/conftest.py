@@ -54,7 +54,7 @@ from typing import Any  # noqa: E402
 import uvicorn  # noqa: E402
 
 from gateway.app import UnderstudyApp, create_app  # noqa: E402
-from gateway.fakecloud import FakeCloud, FakeCloudServer  # noqa: E402
+from gateway.demo.fakecloud import FakeCloud, FakeCloudServer  # noqa: E402
 from gateway.limits.clock import Clock  # noqa: E402
 from gateway.settings import Settings, load_settings  # noqa: E402
 

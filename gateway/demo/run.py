@@ -23,7 +23,7 @@ import uvicorn
 
 from gateway.app import UnderstudyApp, create_app
 from gateway.demo import task
-from gateway.fakecloud import FakeCloud, FakeCloudServer
+from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
 from gateway.settings import Settings
 
 ROUTE = "extract"

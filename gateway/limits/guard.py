@@ -26,9 +26,9 @@ from gateway.limits.settings import LimitSettings
 from gateway.limits.tokens import estimate_tokens, used_tokens
 
 if TYPE_CHECKING:
+    from gateway.domain.exchange import Exchange
+    from gateway.domain.view import RequestView
     from gateway.metrics import Metrics
-    from gateway.proxy.exchange import Exchange
-    from gateway.proxy.view import RequestView
     from gateway.settings import RouteSettings, Settings
 
 log = logging.getLogger("understudy.limits")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gateway.proxy.exchange import usage_tokens
+from gateway.domain.exchange import usage_tokens
 
 CHARS_PER_TOKEN = 4
 # Completion budget assumed when a generating request names none; settled afterwards.

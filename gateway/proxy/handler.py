@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.domain import LOCAL_ENDPOINT
+from gateway.domain.exchange import Exchange, loggable_body
+from gateway.domain.view import RequestView
 from gateway.errors import (
     BadUpstreamResponse,
     CircuitOpen,
@@ -26,9 +29,8 @@ from gateway.limits.headers import merge_rate_limit_headers
 from gateway.local.client import LocalBackendError
 from gateway.origin import refuse_cross_origin
 from gateway.proxy.assemble import StreamAssembler
-from gateway.proxy.exchange import Exchange, loggable_body
-from gateway.proxy.view import RequestView
-from gateway.upstream.base import HOP_BY_HOP, Upstream, UpstreamRequest, UpstreamResponse
+from gateway.upstream.base import Upstream, UpstreamRequest, UpstreamResponse
+from gateway.upstream.headers import forward_headers
 
 if TYPE_CHECKING:
     from gateway.adaptive.controller import AdaptiveController
@@ -40,8 +42,6 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 
 ROUTE_HEADER = b"x-understudy-route"
-# The endpoint a route's local model can answer (and fail over to).
-LOCAL_ENDPOINT = "/v1/chat/completions"
 _LOCAL_HEADERS = ((b"content-type", b"application/json"),)
 FAILOVER_ERRORS = (UpstreamUnreachable, UpstreamTimeout, CircuitOpen)
 _DONE = b"data: [DONE]"
@@ -57,34 +57,6 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes, encoding: str = "la
         if key == name:
             return value.decode(encoding, "replace")
     return None
-
-
-def _header_text(raw: bytes) -> str:
-    """A header value as text that aiohttp, which writes headers as UTF-8, sends back as the
-    same bytes (any UTF-8 or ASCII value); other bytes go as their Latin-1 reading."""
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
-
-
-def forward_headers(
-    headers: list[tuple[bytes, bytes]], api_key: str | None, drop_client_key: bool = False
-) -> dict[str, str]:
-    """The client's headers minus hop-by-hop and gateway control headers; the configured
-    upstream key replaces the client's Authorization when there is one. A gateway client
-    key (`drop_client_key`) is never forwarded."""
-    out: dict[str, str] = {}
-    for raw_name, raw_value in headers:
-        name = raw_name.decode("latin-1")
-        if name in HOP_BY_HOP or name.startswith("x-understudy-"):
-            continue
-        if (api_key or drop_client_key) and name in ("authorization", "api-key", "x-api-key"):
-            continue
-        out[name] = _header_text(raw_value)
-    if api_key:
-        out["authorization"] = f"Bearer {api_key}"
-    return out
 
 
 def upstream_path(scope: Scope) -> str:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gateway.proxy.view import RequestView
+from gateway.domain.view import RequestView
 
 # Never forwarded in either direction: hop-by-hop headers (RFC 9110 7.6.1) and those the
 # gateway recomputes (length, encoding, host).

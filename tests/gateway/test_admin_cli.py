@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gateway.admin_cli import job_cell, main, run, table, traffic_cell
-from gateway.fakecloud import FakeCloudServer
-from tests.gateway.admin_fixtures import ADMIN_KEY, ROUTE, AdaptiveGateway, running_adaptive_gateway
+from gateway.demo.fakecloud import FakeCloudServer
+from tests.gateway.web.admin_fixtures import ADMIN_KEY, ROUTE, AdaptiveGateway, running_adaptive_gateway
 
 
 @pytest.fixture

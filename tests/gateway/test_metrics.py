@@ -18,10 +18,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.fakecloud import FakeCloudServer
+from gateway.demo.fakecloud import FakeCloudServer
 from gateway.pricing import PriceBook, bundled_price_map
 from gateway.web.timeline import Snapshot, _delta_point, quantile
-from tests.gateway.admin_fixtures import ROUTE, AdaptiveGateway, running_adaptive_gateway
+from tests.gateway.web.admin_fixtures import ROUTE, AdaptiveGateway, running_adaptive_gateway
 
 DESIGN_METRICS = {
     "understudy_requests": "counter",

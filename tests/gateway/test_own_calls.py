@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.demo.fakecloud import FakeCloudServer
 from gateway.errors import RateLimited, UpstreamUnreachable
-from gateway.fakecloud import FakeCloudServer
 from gateway.services import Services
 from gateway.settings import load_settings
 from gateway.store.base import RecordFilter

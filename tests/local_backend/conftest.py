@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.local_backend.lb_support import RemoteBackend, make_lora
+from tests.local_backend.support import RemoteBackend, make_lora
 
 
 @pytest.fixture(scope="session")

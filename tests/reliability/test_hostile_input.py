@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.fakecloud import FakeCloud, FakeCloudServer
+from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
 from gateway.settings import load_settings
 from gateway.store.base import RecordFilter
 from tests.conftest import RunningGateway, start_gateway

@@ -37,7 +37,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.fakecloud import FakeCloud, FakeCloudServer
+from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.reliability import raw_http
 

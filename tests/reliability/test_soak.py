@@ -17,8 +17,8 @@ import aiohttp
 import psutil
 import pytest
 
-from gateway.fakecloud import FakeCloudServer
-from tests.gateway.test_logging import _start_gateway_process
+from gateway.demo.fakecloud import FakeCloudServer
+from tests.gateway.store.test_logging import _start_gateway_process
 
 TOTAL = int(os.environ.get("UNDERSTUDY_SOAK_REQUESTS", "100000"))
 WARMUP = 10_000

@@ -20,7 +20,7 @@ import psutil
 import pytest
 from multidict import CIMultiDict
 
-from gateway.fakecloud import FakeCloudServer
+from gateway.demo.fakecloud import FakeCloudServer
 from tests.conftest import GatewayFactory, RunningGateway
 
 READ_TIMEOUT_S = 0.5  # silence allowed between two upstream bytes

@@ -29,7 +29,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
-from gateway.fakecloud import FakeCloud, FakeCloudServer
+from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
 from tests.conftest import GatewayFactory, RunningGateway
 
 
@@ -217,7 +217,7 @@ def backend_pid(gateway: RunningGateway) -> int:
 @pytest.fixture
 def local_gateway(gateway_factory: GatewayFactory, data_dir: Path, tiny_model_dir: Path) -> RunningGateway:
     """A gateway whose route `task` is served by adapter v1 on a supervised local backend."""
-    from tests.local_backend.lb_support import make_lora
+    from tests.local_backend.support import make_lora
 
     adapter = make_lora(tiny_model_dir, data_dir / "adapters" / ROUTE / "v1", seed=1)
     (adapter / "meta.json").write_text(orjson.dumps({"base_model": str(tiny_model_dir)}).decode())

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_samples import WORDS, word_chat, write_jsonl
 
+from tests.trainer.samples import WORDS, word_chat, write_jsonl
 from trainer.spec import TrainSpec
 
 

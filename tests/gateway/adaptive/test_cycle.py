@@ -17,7 +17,7 @@ import openai
 import orjson
 import pytest
 
-from gateway.fakecloud import FakeCloud, FakeCloudServer
+from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
 from gateway.settings import load_settings
 from tests.conftest import RunningGateway, start_gateway
 

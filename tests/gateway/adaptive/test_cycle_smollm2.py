@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from gateway.demo import task
+from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
 from gateway.demo.run import CLOUD_MODEL, ROUTE, demo_settings
-from gateway.fakecloud import FakeCloud, FakeCloudServer
 from tests.conftest import RunningGateway, start_gateway
 
 

@@ -15,7 +15,7 @@ from gateway.adaptive.judges import (
     JudgeError,
     UpstreamJudge,
 )
-from gateway.fakecloud import FakeCloud, FakeCloudServer
+from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_samples import word_chat
 
+from tests.trainer.samples import word_chat
 from trainer.chat_format import IGNORE_INDEX, TemplateMismatch, render, tokenize_sample
 
 CALL = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.local_backend.lb_support import RemoteBackend
+from tests.local_backend.support import RemoteBackend
 
 PROMPT: list[Any] = [{"role": "user", "content": "hello"}]
 LONG: dict[str, Any] = {"max_tokens": 480, "temperature": 0, "ignore_eos": True}

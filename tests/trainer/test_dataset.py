@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_samples import word_chat, write_jsonl
 
+from tests.trainer.samples import word_chat, write_jsonl
 from trainer.dataset import (
     data_hash,
     load_chat_dataset,

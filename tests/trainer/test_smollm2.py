@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_samples import sentiment_chats, write_jsonl
 
+from tests.trainer.samples import sentiment_chats, write_jsonl
 from trainer.adapters import AdapterRegistry
 from trainer.cli import main
 

@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.local_backend.lb_support import RemoteBackend
+from tests.local_backend.support import RemoteBackend
 
 PROMPT: list[Any] = [{"role": "user", "content": "the quick brown fox"}]
 LONG: dict[str, Any] = {"max_tokens": 300, "temperature": 0, "extra_body": {"ignore_eos": True}}

@@ -11,9 +11,9 @@ import pytest
 from gateway.limits.clock import ManualClock
 from gateway.limits.rates import Charge, Rate
 from gateway.limits.redis import RedisLimiter
-from tests.gateway.ratelimit_client import chat, saturate
-from tests.gateway.test_limits import keys, metric
-from tests.gateway.test_proxy import socket_closed_port
+from tests.gateway.limits.ratelimit_client import chat, saturate
+from tests.gateway.limits.test_limits import keys, metric
+from tests.gateway.proxy.test_proxy import socket_closed_port
 
 
 async def test_two_gateways_enforce_one_combined_limit(gateway_factory: Any, redis_url: str) -> None:
@@ -97,7 +97,7 @@ async def test_redis_limiter_is_all_or_nothing(redis_url: str) -> None:
 
 async def test_two_gateway_processes_share_one_limit(tmp_path: Any, redis_url: str, fake_cloud: Any) -> None:
     """Two real `understudy serve` processes (separate interpreters, real clocks) on one Redis."""
-    from tests.gateway.test_logging import _start_gateway_process
+    from tests.gateway.store.test_logging import _start_gateway_process
 
     extra = (
         f"redis_url: {redis_url}\nauth:\n  keys:\n    - name: alice\n      key: sk-alice\n"

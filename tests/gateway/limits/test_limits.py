@@ -14,8 +14,10 @@ import aiohttp
 import openai
 import pytest
 
+from gateway.demo.fakecloud import FakeCloudServer
+from gateway.domain.exchange import Exchange
+from gateway.domain.view import RequestView
 from gateway.errors import Overloaded
-from gateway.fakecloud import FakeCloudServer
 from gateway.limits.clock import ManualClock
 from gateway.limits.guard import Guard
 from gateway.limits.headers import format_reset, merge_rate_limit_headers
@@ -23,10 +25,8 @@ from gateway.limits.memory import MemoryLimiter
 from gateway.limits.rates import Charge, Rate
 from gateway.limits.tokens import estimate_tokens
 from gateway.metrics import Metrics
-from gateway.proxy.exchange import Exchange
-from gateway.proxy.view import RequestView
 from gateway.settings import ConfigError, load_settings
-from tests.gateway.ratelimit_client import chat, saturate
+from tests.gateway.limits.ratelimit_client import chat, saturate
 
 
 def keys(**limits_by_name: dict[str, Any]) -> dict[str, Any]:

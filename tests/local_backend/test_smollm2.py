@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from local_backend.loading import DEFAULT_MODEL, load_model
-from tests.local_backend.lb_support import RemoteBackend, torch_threads
+from tests.local_backend.support import RemoteBackend, torch_threads
 
 pytestmark = pytest.mark.slow
 

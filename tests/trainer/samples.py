@@ -1,5 +1,4 @@
-"""Synthetic training data for the trainer tests (importable by name: this folder is on
-sys.path under pytest's default import mode)."""
+"""Synthetic training data for the trainer tests."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.fakecloud import FakeCloudServer
+from gateway.demo.fakecloud import FakeCloudServer
 
 
 def test_mixed_batch_logs_exactly_one_record_per_request(client: Any, gateway: Any) -> None:

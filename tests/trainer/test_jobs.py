@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_samples import word_chat, write_jsonl
 
+from tests.trainer.samples import word_chat, write_jsonl
 from trainer.adapters import AdapterRegistry
 from trainer.errors import JobConflict
 from trainer.jobs import JobManager, pid_alive

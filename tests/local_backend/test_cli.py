@@ -12,7 +12,7 @@ import pytest
 from local_backend.cli import build_parser, main, settings_from_args
 from local_backend.server import create_app
 from local_backend.settings import Settings
-from tests.local_backend.lb_support import REPO, free_port
+from tests.local_backend.support import REPO, free_port
 
 
 def test_options_map_onto_settings(tmp_path: Path) -> None:

@@ -7,13 +7,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.demo.fakecloud import FakeCloudServer
 from gateway.errors import CircuitOpen
-from gateway.fakecloud import FakeCloudServer
 from gateway.limits.clock import ManualClock
 from gateway.limits.settings import BreakerSettings
 from gateway.upstream.resilience import CircuitBreaker, retry_after_s
-from tests.gateway.ratelimit_client import chat
-from tests.gateway.test_proxy import socket_closed_port
+from tests.gateway.limits.ratelimit_client import chat
+from tests.gateway.proxy.test_proxy import socket_closed_port
 
 
 def metric(gateway: Any, name: str, **labels: str) -> float:

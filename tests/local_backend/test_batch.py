@@ -12,7 +12,7 @@ from local_backend.batch import BatchRun, ModelHandle
 from local_backend.jobs import GenerationJob, SequenceResult, SequenceSpec
 from local_backend.metrics import BackendMetrics
 from local_backend.sampling import SamplingParams
-from tests.local_backend.lb_support import torch_threads
+from tests.local_backend.support import torch_threads
 
 
 def handle_for(model: Any, tokenizer: Any) -> ModelHandle:

@@ -18,10 +18,10 @@ import openai
 import orjson
 import pytest
 
-from gateway.fakecloud import FakeCloud, FakeCloudServer
+from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
 from gateway.settings import load_settings
 from tests.conftest import ARTIFACTS, RunningGateway, start_gateway
-from tests.gateway.admin_fixtures import ADMIN_KEY, ROUTE, AdaptiveGateway, running_adaptive_gateway
+from tests.gateway.web.admin_fixtures import ADMIN_KEY, ROUTE, AdaptiveGateway, running_adaptive_gateway
 
 CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = [

@@ -16,7 +16,7 @@ from typing import Any
 import openai
 import orjson
 
-from gateway.fakecloud import FakeCloud, FakeCloudServer
+from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
 from gateway.settings import load_settings
 from gateway.store.sqlite import SQLiteStore
 from tests.conftest import RunningGateway, start_gateway

@@ -9,7 +9,7 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.fakecloud import FakeCloudServer
+from gateway.demo.fakecloud import FakeCloudServer
 
 
 def test_chat_completion_passes_through(client: Any, fake_cloud: FakeCloudServer) -> None:

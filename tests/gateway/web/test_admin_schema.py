@@ -15,9 +15,9 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.fakecloud import FakeCloudServer
+from gateway.demo.fakecloud import FakeCloudServer
 from gateway.web.admin import endpoints
-from tests.gateway.admin_fixtures import ADMIN_KEY, AdaptiveGateway, running_adaptive_gateway
+from tests.gateway.web.admin_fixtures import ADMIN_KEY, AdaptiveGateway, running_adaptive_gateway
 
 # DELETE /admin/logs refuses to run without a filter (it would empty the log), a rule an
 # OpenAPI document cannot state about two optional parameters: accept its 400 as valid.

@@ -9,7 +9,7 @@ import openai
 import pytest
 import torch
 
-from tests.local_backend.lb_support import RemoteBackend, torch_threads
+from tests.local_backend.support import RemoteBackend, torch_threads
 
 HELLO: list[Any] = [{"role": "user", "content": "hello world"}]
 

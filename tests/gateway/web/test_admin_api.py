@@ -16,10 +16,10 @@ import orjson
 import pytest
 from starlette.requests import Request
 
+from gateway.demo.fakecloud import FakeCloudServer
 from gateway.errors import Forbidden, Unauthorized
-from gateway.fakecloud import FakeCloudServer
 from gateway.web.auth import SESSION_COOKIE, require_admin, session_token, session_valid
-from tests.gateway.admin_fixtures import ADMIN_KEY, ROUTE, AdaptiveGateway, running_adaptive_gateway
+from tests.gateway.web.admin_fixtures import ADMIN_KEY, ROUTE, AdaptiveGateway, running_adaptive_gateway
 
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from gateway.fakecloud import FakeCloud, FakeCloudServer
+from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
 
 
 class FakeAnthropic(FakeCloud):
