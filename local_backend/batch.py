@@ -1,5 +1,7 @@
 """One batch on the model: left-padded prefill, then one decode step at a time for every
 sequence together, each sequence leaving the batch (and the KV cache) when it finishes.
+A job leaves with its last sequence: the batch releases it (and so its adapter) at once,
+not when the batch ends, because steady traffic can keep one batch running for hours.
 
 Runs on the worker thread only. Each sequence has its own sampler (seed, temperature,
 top-p), detokenizer, stop matcher and, for structured output, grammar guide.
@@ -46,6 +48,14 @@ class _Row:
 
 
 @dataclass
+class _OpenJob:
+    """A job the batch still holds: how many of its sequences are still generating."""
+
+    rows_left: int
+    first_token_seen: bool = False
+
+
+@dataclass
 class ModelHandle:
     """What a batch needs to know about the loaded model."""
 
@@ -80,8 +90,13 @@ class BatchRun:
         self._take_more = take_more
         self._max_rows = max_rows
         self._adapter_id = jobs[0].adapter_id if jobs else None
-        self.jobs = list(jobs)
-        self._first_token_seen: set[int] = set()
+        # Every job the batch holds, in arrival order; a job leaves when its last row does.
+        self._open: dict[GenerationJob, _OpenJob] = {job: _OpenJob(len(job.sequences)) for job in jobs}
+
+    @property
+    def jobs(self) -> list[GenerationJob]:
+        """The jobs still in the batch; finished ones have been released already."""
+        return list(self._open)
 
     def run(self) -> None:
         with torch.inference_mode():
@@ -96,14 +111,24 @@ class BatchRun:
                 logits = self._forward(step_ids, state.mask, state.positions[:, None], state.cache)
                 rows = self._advance(rows, state, logits)
 
+    def release_all(self) -> None:
+        """Release the jobs still held (after a failure or a stop)."""
+        for job in self.jobs:
+            self._release(job)
+
     def _start(self, jobs: list[GenerationJob]) -> tuple[list[_Row], BatchCache]:
         """Prefill the jobs' prompts and pick their first tokens."""
+        for job in jobs:
+            self._open.setdefault(job, _OpenJob(len(job.sequences)))
         rows = [
             self._new_row(job, i, spec)
             for job in jobs
             if not job.cancelled
             for i, spec in enumerate(job.sequences)
         ]
+        for job in jobs:
+            if job.cancelled or not job.sequences:
+                self._release(job)
         if not rows:
             return [], BatchCache(DynamicCache(), torch.zeros((0, 0), dtype=torch.long), torch.zeros(0))
         logits, state = self._prefill(rows)
@@ -117,7 +142,6 @@ class BatchRun:
         jobs = self._take_more(self._adapter_id, room)
         if not jobs:
             return rows
-        self.jobs.extend(jobs)
         joined, joined_state = self._start(jobs)
         if joined:
             state.absorb(joined_state)
@@ -135,8 +159,27 @@ class BatchRun:
             if keep:
                 state.keep(keep)
                 state.trim()
+            kept = set(keep)
+            self._leave([row for i, row in enumerate(rows) if i not in kept])
             rows = [rows[i] for i in keep]
         return rows
+
+    def _leave(self, rows: list[_Row]) -> None:
+        """Rows that left the batch; a job whose last row left is released now."""
+        for row in rows:
+            progress = self._open.get(row.job)
+            if progress is None:
+                continue
+            progress.rows_left -= 1
+            if progress.rows_left <= 0:
+                self._release(row.job)
+
+    def _release(self, job: GenerationJob) -> None:
+        if self._open.pop(job, None) is None:
+            return  # released already
+        if job.cancelled:
+            self._metrics.cancelled.inc()
+        job.release()
 
     def _new_row(self, job: GenerationJob, index: int, spec: SequenceSpec) -> _Row:
         tokenizer = self._h.tokenizer
@@ -245,8 +288,9 @@ class BatchRun:
                 row.events = []
         now = time.monotonic()
         for job, events in by_job.values():
-            if id(job) not in self._first_token_seen:
-                self._first_token_seen.add(id(job))
+            progress = self._open.get(job)
+            if progress is not None and not progress.first_token_seen:
+                progress.first_token_seen = True
                 self._metrics.time_to_first_token.observe(now - job.created)
             job.emit(events)
         self._metrics.record_step(rows[0].job.model_name, len(rows))

@@ -264,14 +264,11 @@ class Engine:
         except Exception as exc:  # a failed batch must not kill the worker; its clients get a 500
             logger.exception("generation failed")
             error = exc if isinstance(exc, BackendError) else GenerationFailed(f"generation failed: {exc}")
-            for job in run.jobs:
+            for job in run.jobs:  # the unfinished ones
                 job.emit([JobFailed(error)])
         finally:
             self.metrics.running_sequences.set(0)
-            for job in run.jobs:
-                if job.cancelled:
-                    self.metrics.cancelled.inc()
-                job.release()
+            run.release_all()  # finished jobs were released as they finished
 
     def _between_steps(self) -> None:
         """Adapter loads and unloads run here, between two decode steps of the running batch."""

@@ -98,3 +98,33 @@ def test_cancelled_row_leaves_without_disturbing_the_others(tiny_reference: tupl
         assert result[0].text == generate_alone(model, tokenizer, kept.sequences[0].prompt_ids, 30)
     loop.close()
     assert calls[0] == 29  # no step was wasted after `kept` finished
+
+
+def test_a_finished_job_is_released_while_the_batch_runs_on(tiny_reference: tuple[Any, Any]) -> None:
+    """Its adapter reference (and everything the job holds) must not wait for the batch to end."""
+    model, tokenizer = tiny_reference
+    loop = asyncio.new_event_loop()
+    long = greedy_job(prompt_ids(tokenizer, "hello world"), 20, loop)
+    short = greedy_job(prompt_ids(tokenizer, "the capital of France"), 3, loop)
+    cancelled = greedy_job(prompt_ids(tokenizer, "the quick brown fox"), 20, loop)
+    released: list[str] = []
+    short.on_release = lambda: released.append("short")
+    cancelled.on_release = lambda: released.append("cancelled")
+    seen: dict[int, tuple[list[str], list[GenerationJob]]] = {}
+    metrics = BackendMetrics()
+
+    def between_steps() -> None:
+        step = len(seen) + 1
+        if step == 4:
+            cancelled.cancel()
+        seen[step] = (list(released), run.jobs)
+
+    run = BatchRun(handle_for(model, tokenizer), [long, short, cancelled], metrics, between_steps, max_rows=4)
+    with torch_threads(1):
+        run.run()
+    loop.close()
+    # `short` has its 3 tokens after two decode steps; `cancelled` leaves at the step after its cancel.
+    assert seen[3] == (["short"], [long, cancelled])
+    assert seen[5] == (["short", "cancelled"], [long])
+    assert run.jobs == []
+    assert metrics.registry.get_sample_value("understudy_backend_cancelled_requests_total") == 1
