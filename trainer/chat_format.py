@@ -4,9 +4,8 @@ assistant tokens only.
 Templates that know tools (they mention `tool_calls`) get OpenAI-form messages and `tools=`.
 Plain ChatML templates such as SmolLM2's only concatenate `role` and `content`, so tool
 definitions, calls and results are written into the text in the Hermes/Qwen convention
-(`<tools>` in the system prompt, `<tool_call>{"name", "arguments"}</tool_call>` in the answer),
-which common tool-call parsers (vLLM's `hermes`) read back. Inference must render the same
-way: `to_template_messages` is the one place that decides it.
+(`trainer.tool_text`). The local backend renders its prompts through `template_inputs` too,
+so a model is served the very text it was trained on.
 
 Masking: the chat is rendered once; for every trainable assistant turn the character span
 from the end of the rendered prompt (with the generation prompt) to the end of the rendered
@@ -16,22 +15,12 @@ offsets start inside a span are labelled; all others get -100.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from trainer.dataset import Sample
+from trainer.tool_text import arguments_value, tool_calls_text, tool_response_text, tools_text
 
 IGNORE_INDEX = -100
-
-TOOLS_PREAMBLE = (
-    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-)
-TOOLS_POSTAMBLE = (
-    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
-    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
-)
 
 
 class TemplateMismatch(ValueError):
@@ -43,37 +32,23 @@ def template_supports_tools(tokenizer: Any) -> bool:
     return isinstance(template, str) and "tool_calls" in template
 
 
-def _arguments(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-
-
-def _tool_calls_text(calls: list[dict[str, Any]]) -> str:
-    rendered = [
-        json.dumps({"name": c["function"]["name"], "arguments": _arguments(c["function"]["arguments"])})
-        for c in calls
-    ]
-    return "\n".join(f"<tool_call>\n{call}\n</tool_call>" for call in rendered)
-
-
-def _tools_text(tools: list[Any]) -> str:
-    return TOOLS_PREAMBLE + "\n".join(json.dumps(tool) for tool in tools) + TOOLS_POSTAMBLE
+def _inline_message(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content") or ""
+    if message["role"] == "tool":
+        # A user turn, as Qwen's template writes it: plain templates may drop unknown roles.
+        return {"role": "user", "content": tool_response_text(content)}
+    if message.get("tool_calls"):
+        content = "\n".join(part for part in (content, tool_calls_text(message["tool_calls"])) if part)
+    return {"role": message["role"], "content": content}
 
 
 def _inline_tools(messages: list[dict[str, Any]], tools: list[Any] | None) -> list[dict[str, Any]]:
-    out = []
-    for message in messages:
-        content = message.get("content") or ""
-        if message.get("tool_calls"):
-            content = "\n".join(part for part in (content, _tool_calls_text(message["tool_calls"])) if part)
-        out.append({"role": message["role"], "content": content})
+    out = [_inline_message(message) for message in messages]
     if tools:
         if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + _tools_text(tools)}
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + tools_text(tools)}
         else:
-            out.insert(0, {"role": "system", "content": _tools_text(tools)})
+            out.insert(0, {"role": "system", "content": tools_text(tools)})
     return out
 
 
@@ -84,7 +59,7 @@ def _native(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if clean.get("tool_calls"):
             # HF templates expect arguments as an object (they apply `tojson` themselves).
             clean["tool_calls"] = [
-                {**c, "function": {**c["function"], "arguments": _arguments(c["function"]["arguments"])}}
+                {**c, "function": {**c["function"], "arguments": arguments_value(c["function"]["arguments"])}}
                 for c in clean["tool_calls"]
             ]
         out.append(clean)
@@ -94,16 +69,24 @@ def _native(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def to_template_messages(
     messages: list[dict[str, Any]], tools: list[Any] | None, native_tools: bool
 ) -> tuple[list[dict[str, Any]], list[Any] | None]:
-    """(messages, tools) to hand to `apply_chat_template` for this template kind."""
+    """(messages, tools) to hand to `apply_chat_template` for this template kind. Messages are
+    in OpenAI form as `trainer.dataset.normalize_message` leaves them; the output has one
+    message per input message, after an added system prompt when tools are inlined."""
     if native_tools:
         return _native(messages), tools or None
     return _inline_tools(messages, tools), None
 
 
+def template_inputs(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None
+) -> tuple[list[dict[str, Any]], list[Any] | None]:
+    """What training and serving both pass to `tokenizer.apply_chat_template` for a chat."""
+    return to_template_messages(messages, tools, template_supports_tools(tokenizer))
+
+
 def render(tokenizer: Any, sample: Sample, upto: int | None = None, generation_prompt: bool = False) -> str:
     """The chat (or its first `upto` messages) as text, through the model's template."""
-    native = template_supports_tools(tokenizer)
-    converted, tools = to_template_messages(sample["messages"], sample.get("tools"), native)
+    converted, tools = template_inputs(tokenizer, sample["messages"], sample.get("tools"))
     if upto is not None:
         # Slice after converting: an inlined tools block must sit in every prefix's system prompt.
         added = len(converted) - len(sample["messages"])

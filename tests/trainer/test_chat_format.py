@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +77,13 @@ def test_plain_template_gets_tools_and_calls_inline(tiny_tokenizer: Any) -> None
     }
     text = render(tiny_tokenizer, sample)
     assert text.startswith("<|im_start|>system\nBe terse.\n\n# Tools")
-    assert json.dumps(TOOLS[0]) in text
-    assert "<|im_start|>tool\n4<|im_end|>" in text
+    assert '\n{"name":"add","parameters":{"type":"object"}}\n' in text
+    # A tool result is a user turn: a plain template may not know the `tool` role.
+    assert "<|im_start|>user\n<tool_response>\n4\n</tool_response><|im_end|>" in text
     encoded = tokenize_sample(tiny_tokenizer, sample, max_length=2048)
     assert encoded is not None
-    call = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call>'
+    call = '<tool_call>\n{"name":"add","arguments":{"a":2,"b":2}}\n</tool_call>'
+    assert f"<|im_start|>assistant\n{call}<|im_end|>" in text  # the untrained history call too
     assert labelled_text(tiny_tokenizer, encoded) == [f"4\n{call}<|im_end|>"]
 
 
