@@ -1,9 +1,11 @@
 """From logged request/response records (or a chat JSONL) to training samples.
 
-A sample is one chat in OpenAI's fine-tuning JSONL shape: `{"messages": [...]}` plus `"tools"`
-when the request offered tools. Messages keep system prompts, tool calls and tool results in
-OpenAI form; earlier assistant turns of a logged conversation carry `"weight": 0` because the
-record only vouches for the final answer (history may come from anyone, even the local model).
+A sample is one chat in OpenAI's fine-tuning JSONL shape: `{"messages": [...]}` plus, when the
+request had them, its `"tools"`, `"tool_choice"`, `"response_format"` and
+`"parallel_tool_calls"` (train.jsonl and heldout.jsonl lines carry them, so the held-out eval
+can replay the request). Messages keep system prompts, tool calls and tool results in OpenAI
+form; earlier assistant turns of a logged conversation carry `"weight": 0` because the record
+only vouches for the final answer (history may come from anyone, even the local model).
 
 The held-out split is decided per sample by a hash of its prompt, so it is deterministic,
 never mixes one prompt into both sides, and a sample keeps its side as the data grows.
@@ -33,6 +35,9 @@ MIN_SAMPLES_FOR_HELDOUT = 5
 _TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _UNUSABLE_FINISH = {"length": "truncated", "content_filter": "content_filter"}
+# Request fields a sample keeps (besides tools) so the held-out eval replays the request as
+# it was asked: tool use and JSON mode change what a right answer is.
+REPLAYED_FIELDS = ("tool_choice", "response_format", "parallel_tool_calls")
 
 
 class SkipSample(Exception):
@@ -118,6 +123,9 @@ def normalize_sample(chat: Any) -> Sample:
         if not isinstance(tools, list):
             raise SkipSample("malformed")
         sample["tools"] = tools
+    for key in REPLAYED_FIELDS:
+        if chat.get(key) is not None:
+            sample[key] = chat[key]
     return sample
 
 
@@ -166,7 +174,8 @@ def record_to_sample(record: Record) -> Sample:
     answer.pop("weight", None)
     if not _has_answer(answer):
         raise SkipSample("empty_answer")
-    return normalize_sample({"messages": [*prompt, answer], "tools": request.get("tools")})
+    asked = {key: request.get(key) for key in ("tools", *REPLAYED_FIELDS)}
+    return normalize_sample({"messages": [*prompt, answer], **asked})
 
 
 def _convert(items: Iterable[tuple[str, Any]]) -> Conversion:
@@ -256,9 +265,12 @@ def load_chat_dataset(path: Path, cache_dir: Path) -> Dataset:
     absent fields) or fail on mixed types."""
     from datasets import Dataset, Features, Json, List, load_dataset
 
-    features = Features({"messages": List(Json()), "tools": List(Json())})
+    # Every key a sample may have must be declared: the json builder refuses unknown columns.
+    features = Features(
+        {"messages": List(Json()), "tools": List(Json()), **{key: Json() for key in REPLAYED_FIELDS}}
+    )
     if path.stat().st_size == 0:  # e.g. no held-out split: the json builder rejects empty files
-        return Dataset.from_dict({"messages": [], "tools": []}, features=features)
+        return Dataset.from_dict({key: [] for key in features}, features=features)
     return load_dataset(
         "json", data_files=str(path), features=features, split="train", cache_dir=str(cache_dir)
     )
@@ -307,6 +319,12 @@ def split_samples(samples: list[Sample], eval_fraction: float = 0.2) -> tuple[li
     train = [s for i, s in enumerate(samples) if i not in held]
     heldout = [s for i, s in enumerate(samples) if i in held]
     return train, heldout
+
+
+def offers_tools(samples: Iterable[Sample]) -> bool:
+    """Whether any sample's request offered tools (an adapter trained on none has never seen
+    the tools prompt, so the gateway keeps tool requests on the cloud for it)."""
+    return any(sample.get("tools") for sample in samples)
 
 
 def data_hash(samples: Iterable[Sample]) -> str:

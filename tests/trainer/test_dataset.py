@@ -15,10 +15,12 @@ from trainer.dataset import (
     load_chat_dataset,
     load_route_records,
     load_samples,
+    offers_tools,
     prompt_key,
     records_to_samples,
     split_samples,
 )
+from trainer.dataset import write_jsonl as write_samples
 from trainer.errors import DataError
 
 MakeRecord = Callable[..., dict[str, Any]]
@@ -92,6 +94,34 @@ def test_tool_calls_tools_and_tool_results_kept_in_openai_form(make_record: Make
     assert second["messages"][2] == {"role": "assistant", "content": None, "tool_calls": [call], "weight": 0}
     assert second["messages"][3] == {"role": "tool", "content": "4", "tool_call_id": "call_1"}
     assert second["messages"][4] == {"role": "assistant", "content": "It is 4."}
+
+
+def test_samples_keep_the_requests_tools_tool_choice_and_response_format(
+    tmp_path: Path, make_record: MakeRecord
+) -> None:
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    asked = {
+        "tools": tools,
+        "tool_choice": "auto",
+        "response_format": {"type": "json_object"},
+        "parallel_tool_calls": False,
+    }
+    record = make_record(answer='{"sum": 4}')
+    record["request"].update(asked)
+    plain = make_record(prompt="Plain?")
+    plain["request"].update({"tools": [], "tool_choice": None})
+    with_tools, without = records_to_samples([record, plain]).samples
+    assert {key: with_tools[key] for key in asked} == asked
+    assert set(without) == {"messages"}  # keys absent when the request had none
+    assert offers_tools([with_tools]) and not offers_tools([without])
+    # heldout.jsonl (and train.jsonl) lines carry them, and the training loader accepts them
+    path = tmp_path / "heldout.jsonl"
+    write_samples(path, [with_tools, without])
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == [with_tools, without]
+    dataset = load_chat_dataset(path, tmp_path / "cache")
+    assert dataset[0]["tool_choice"] == "auto" and dataset[0]["response_format"] == {"type": "json_object"}
+    assert dataset[1]["tools"] is None and dataset[1]["tool_choice"] is None
 
 
 def test_content_parts_flattened_and_images_skipped(make_record: MakeRecord) -> None:
