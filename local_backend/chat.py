@@ -1,15 +1,13 @@
 """`/v1/chat/completions`: a request becomes a job (template, tokens, grammar), and the
 job's results become OpenAI's response or its stream of chunks.
 
-Tool calls: with `tool_choice` naming a function, the answer is constrained to that
-function's parameters schema and returned as its `tool_calls` (finish_reason "stop", as
-OpenAI does for a forced function); with "required", to `{"name", "arguments"}` for one
-of the tools (finish_reason "tool_calls"). "auto" and "none" answer in plain text.
+Prompts are rendered by the trainer's own code (`trainer.chat_format.template_inputs`), so a
+served adapter reads the text it was trained on; `local_backend.tool_calls` says how tools
+shape the generation and how calls are read back out of it.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,10 +30,8 @@ from local_backend.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
-    NamedToolChoice,
     ResponseFunctionCall,
     ResponseToolCall,
-    Tool,
 )
 from local_backend.serving import (
     SSE_DONE,
@@ -48,8 +44,17 @@ from local_backend.serving import (
     sse_error,
     usage_of,
 )
-
-_EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+from local_backend.tool_calls import (
+    ContentGate,
+    ToolPlan,
+    call_chunk_deltas,
+    new_call_id,
+    plan_tools,
+    read_answer,
+    response_calls,
+)
+from trainer.chat_format import template_inputs
+from trainer.dataset import SkipSample, normalize_message
 
 
 @dataclass
@@ -59,8 +64,7 @@ class ChatPlan:
     request: ChatCompletionRequest
     prompt_tokens: int
     job: GenerationJob
-    forced_function: str | None = None
-    tool_required: bool = False
+    tools: ToolPlan = field(default_factory=ToolPlan)
     id: str = field(default_factory=lambda: new_id("chatcmpl"))
     created: int = field(default_factory=now)
     call_ids: list[str] = field(default_factory=list)
@@ -69,13 +73,12 @@ class ChatPlan:
 def plan_chat(engine: Engine, request: ChatCompletionRequest) -> ChatPlan:
     """Template, tokenize and compile the constraint of a chat request. Blocking."""
     engine.check_model(request.model)
-    tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
-    prompt_ids = engine.encode_chat(template_messages(request.messages), tools)
+    tools = plan_tools(request)
+    prompt_ids = encode_prompt(engine, request, tools.answer_prefix)
     max_tokens = max_tokens_for(len(prompt_ids), request.requested_max_tokens, engine)
-    forced, required, schema = tool_constraint(request)
     grammar: Grammar | None
-    if schema is not None:
-        grammar = _tool_grammar(engine, schema)
+    if tools.schema is not None:
+        grammar = _tool_grammar(engine, tools.schema)
     else:
         grammar = response_format_grammar(engine, request.response_format)
     seed = request.seed
@@ -83,8 +86,26 @@ def plan_chat(engine: Engine, request: ChatCompletionRequest) -> ChatPlan:
         SequenceSpec(prompt_ids, max_tokens, None if seed is None else seed + i) for i in range(request.n)
     ]
     job = GenerationJob(sequences, sampling_params(request), request.model, grammar=grammar)
-    call_ids = [new_id("call") for _ in range(request.n)]
-    return ChatPlan(request, len(prompt_ids), job, forced, required, call_ids=call_ids)
+    call_ids = [new_call_id() for _ in range(request.n)]
+    return ChatPlan(request, len(prompt_ids), job, tools, call_ids=call_ids)
+
+
+def encode_prompt(engine: Engine, request: ChatCompletionRequest, answer_prefix: str = "") -> list[int]:
+    """Prompt token ids: the chat as the trainer renders it, then the text the answer is
+    primed with (tokenized on its own: it starts a new word after the template's newline)."""
+    messages, tools = prompt_inputs(engine.tokenizer, request)
+    ids = engine.encode_chat(messages, tools)
+    if answer_prefix:
+        ids += engine.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def prompt_inputs(
+    tokenizer: Any, request: ChatCompletionRequest
+) -> tuple[list[dict[str, Any]], list[Any] | None]:
+    """(messages, tools) for the chat template, through the trainer's rendering."""
+    tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
+    return template_inputs(tokenizer, chat_messages(request.messages), tools)
 
 
 def _tool_grammar(engine: Engine, schema: dict[str, Any]) -> Grammar:
@@ -95,68 +116,24 @@ def _tool_grammar(engine: Engine, schema: dict[str, Any]) -> Grammar:
         raise
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as chat templates expect them: plain-text content, developer → system."""
-    rendered = []
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Request messages in the trainer's normal form: developer → system, text parts joined,
+    tool calls and results in OpenAI form."""
+    normalized = []
     for message in messages:
-        item: dict[str, Any] = {
-            "role": "system" if message.role == "developer" else message.role,
-            "content": _text_content(message),
-        }
-        if message.tool_calls:
-            calls = [call.model_dump(exclude_none=True) for call in message.tool_calls]
-            item["tool_calls"] = calls
-            # Most small-model templates render only `content`: show them the calls there.
-            item["content"] = item["content"] or json.dumps([c["function"] for c in calls])
-        if message.name:
-            item["name"] = message.name
-        if message.tool_call_id:
-            item["tool_call_id"] = message.tool_call_id
-        rendered.append(item)
-    return rendered
+        try:
+            normalized.append(normalize_message(message.model_dump(exclude_none=True)))
+        except SkipSample as exc:
+            raise InvalidRequest(_unsupported(message), param="messages") from exc
+    return normalized
 
 
-def _text_content(message: ChatMessage) -> str:
-    if message.content is None or isinstance(message.content, str):
-        return message.content or ""
-    parts = []
-    for part in message.content:
-        if part.type != "text" or part.text is None:
-            raise InvalidRequest(f"content parts of type '{part.type}' are not supported", param="messages")
-        parts.append(part.text)
-    return "\n".join(parts)
-
-
-def tool_constraint(request: ChatCompletionRequest) -> tuple[str | None, bool, dict[str, Any] | None]:
-    """(forced function name, whether some tool call is required, schema to enforce)."""
-    choice = request.tool_choice
-    if choice is None or choice in ("auto", "none"):
-        return None, False, None
-    tools = request.tools or []
-    if not tools:
-        raise InvalidRequest("tool_choice needs tools", param="tool_choice")
-    if isinstance(choice, NamedToolChoice):
-        tool = _find_tool(tools, choice.function.name)
-        return tool.function.name, False, tool.function.parameters or _EMPTY_PARAMETERS
-    return None, True, {"anyOf": [_named_call_schema(tool) for tool in tools]}
-
-
-def _find_tool(tools: list[Tool], name: str) -> Tool:
-    for tool in tools:
-        if tool.function.name == name:
-            return tool
-    raise InvalidRequest(f"tool_choice names '{name}', which is not among the tools", param="tool_choice")
-
-
-def _named_call_schema(tool: Tool) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {
-            "name": {"const": tool.function.name},
-            "arguments": tool.function.parameters or _EMPTY_PARAMETERS,
-        },
-        "required": ["name", "arguments"],
-    }
+def _unsupported(message: ChatMessage) -> str:
+    parts = message.content if isinstance(message.content, list) else []
+    kinds = [part.type for part in parts if part.type != "text"]
+    if kinds:
+        return f"content parts of type '{kinds[0]}' are not supported"
+    return f"a '{message.role}' message this model cannot read"
 
 
 # ---------------------------------------------------------------- one response
@@ -174,39 +151,20 @@ def chat_response(plan: ChatPlan, results: list[SequenceResult]) -> ChatCompleti
 
 
 def _choice(plan: ChatPlan, index: int, result: SequenceResult) -> ChatChoice:
-    reason = result.finish_reason
-    call = _tool_call(plan, index, result.text)
-    if call is None:
-        message = AssistantMessage(content=result.text)
-    else:
-        message = AssistantMessage(content=None, tool_calls=[call])
-        if plan.tool_required and reason == "stop":
-            reason = "tool_calls"
+    message, reason = _answer(plan, index, result.text, result.finish_reason)
     return ChatChoice(index=index, message=message, finish_reason=reason)
 
 
-def _tool_call(plan: ChatPlan, index: int, text: str) -> ResponseToolCall | None:
-    if plan.forced_function is not None:
-        function = ResponseFunctionCall(name=plan.forced_function, arguments=text)
-    elif plan.tool_required:
-        parsed = _parse_named_call(text)
-        if parsed is None:
-            return None
-        function = ResponseFunctionCall(name=parsed[0], arguments=parsed[1])
-    else:
-        return None
-    return ResponseToolCall(id=plan.call_ids[index], function=function)
-
-
-def _parse_named_call(text: str) -> tuple[str, str] | None:
-    """(name, arguments JSON) of a complete `{"name", "arguments"}` answer, else None."""
-    try:
-        call = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(call, dict) or "name" not in call:
-        return None
-    return str(call["name"]), json.dumps(call.get("arguments", {}))
+def _answer(plan: ChatPlan, index: int, text: str, reason: str | None) -> tuple[AssistantMessage, str | None]:
+    forced = plan.tools.forced_function
+    if forced is not None:
+        function = ResponseFunctionCall(name=forced, arguments=text)
+        call = ResponseToolCall(id=plan.call_ids[index], function=function)
+        return AssistantMessage(content=None, tool_calls=[call]), reason
+    parsed = read_answer(plan.tools, text)
+    if parsed is None:
+        return AssistantMessage(content=text), reason
+    return AssistantMessage(content=parsed.content, tool_calls=response_calls(parsed)), "tool_calls"
 
 
 # ---------------------------------------------------------------- streaming
@@ -222,7 +180,7 @@ async def _chunks(plan: ChatPlan) -> AsyncIterator[bytes]:
     include_usage = bool(stream_options and stream_options.include_usage)
     for index in range(plan.request.n):
         yield _chunk(plan, [_choice_delta(index, _opening_delta(plan, index))], include_usage)
-    buffered = [""] * plan.request.n
+    gates = [ContentGate(hold_everything=plan.tools.required) for _ in range(plan.request.n)]
     completion_tokens = 0
     async for event in plan.job.events():
         if isinstance(event, JobFailed):
@@ -230,12 +188,12 @@ async def _chunks(plan: ChatPlan) -> AsyncIterator[bytes]:
             yield SSE_DONE
             return
         if isinstance(event, TextDelta):
-            delta = _text_delta(plan, event, buffered)
+            delta = _text_delta(plan, event, gates[event.index])
             if delta is not None:
                 yield _chunk(plan, [_choice_delta(event.index, delta)], include_usage)
             continue
         completion_tokens += event.completion_tokens
-        for chunk in _closing_chunks(plan, event, buffered[event.index], include_usage):
+        for chunk in _closing_chunks(plan, event, gates[event.index], include_usage):
             yield chunk
     if include_usage:
         yield _chunk(plan, [], include_usage, _usage(plan.prompt_tokens, completion_tokens))
@@ -243,40 +201,42 @@ async def _chunks(plan: ChatPlan) -> AsyncIterator[bytes]:
 
 
 def _opening_delta(plan: ChatPlan, index: int) -> dict[str, Any]:
-    if plan.forced_function is None:
-        return {"role": "assistant", "content": None if plan.tool_required else ""}
+    forced = plan.tools.forced_function
+    if forced is None:
+        # Null while the answer may still turn out to be calls, as OpenAI streams them.
+        return {"role": "assistant", "content": None if plan.tools.reads_calls else ""}
     call = {
         "index": 0,
         "id": plan.call_ids[index],
         "type": "function",
-        "function": {"name": plan.forced_function, "arguments": ""},
+        "function": {"name": forced, "arguments": ""},
     }
     return {"role": "assistant", "content": None, "tool_calls": [call]}
 
 
-def _text_delta(plan: ChatPlan, event: TextDelta, buffered: list[str]) -> dict[str, Any] | None:
-    if plan.tool_required:
-        # The function's name is only known once the whole call is generated.
-        buffered[event.index] += event.text
-        return None
-    if plan.forced_function is not None:
+def _text_delta(plan: ChatPlan, event: TextDelta, gate: ContentGate) -> dict[str, Any] | None:
+    if plan.tools.forced_function is not None:
         return {"tool_calls": [{"index": 0, "function": {"arguments": event.text}}]}
-    return {"content": event.text}
+    if not plan.tools.reads_calls:
+        return {"content": event.text}
+    shown = gate.feed(event.text)
+    return {"content": shown} if shown else None
 
 
 def _closing_chunks(
-    plan: ChatPlan, event: SequenceFinished, buffered: str, include_usage: bool
+    plan: ChatPlan, event: SequenceFinished, gate: ContentGate, include_usage: bool
 ) -> list[bytes]:
-    chunks = []
     reason = event.finish_reason
-    if plan.tool_required:
-        call = _tool_call(plan, event.index, buffered)
-        if call is None:
-            delta: dict[str, Any] = {"content": buffered}
+    deltas: list[dict[str, Any]] = []
+    if plan.tools.reads_calls:
+        # Read the whole text once, as the non-stream answer does: the two always agree.
+        parsed = read_answer(plan.tools, gate.text)
+        if parsed is None:
+            rest = gate.rest()
+            deltas = [{"content": rest}] if rest else []
         else:
-            delta = {"tool_calls": [{"index": 0, **call.model_dump()}]}
-            reason = "tool_calls" if reason == "stop" else reason
-        chunks.append(_chunk(plan, [_choice_delta(event.index, delta)], include_usage))
+            deltas, reason = call_chunk_deltas(parsed), "tool_calls"
+    chunks = [_chunk(plan, [_choice_delta(event.index, delta)], include_usage) for delta in deltas]
     chunks.append(_chunk(plan, [_choice_delta(event.index, {}, reason)], include_usage))
     return chunks
 
