@@ -42,6 +42,7 @@ class ToolPlan:
     # Functions a generated call may name; empty when calls are not read from the text.
     callable_names: frozenset[str] = frozenset()
     schema: dict[str, Any] | None = None
+    single_call: bool = False  # parallel_tool_calls false: at most one call per answer
 
     @property
     def answer_prefix(self) -> str:
@@ -61,8 +62,9 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
     choice, tools = request.tool_choice, request.tools or []
     if choice == "none":
         return ToolPlan()
+    single = request.parallel_tool_calls is False
     if choice is None or choice == "auto":
-        return ToolPlan(callable_names=frozenset(tool.function.name for tool in tools))
+        return ToolPlan(callable_names=frozenset(tool.function.name for tool in tools), single_call=single)
     if not tools:
         raise InvalidRequest("tool_choice needs tools", param="tool_choice")
     if isinstance(choice, NamedToolChoice):
@@ -71,9 +73,8 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
             forced_function=tool.function.name, schema=tool.function.parameters or _EMPTY_PARAMETERS
         )
     names = frozenset(tool.function.name for tool in tools)
-    return ToolPlan(
-        required=True, callable_names=names, schema={"anyOf": [_named_call_schema(t) for t in tools]}
-    )
+    schema = {"anyOf": [_named_call_schema(t) for t in tools]}
+    return ToolPlan(required=True, callable_names=names, schema=schema, single_call=single)
 
 
 def _find_tool(tools: list[Tool], name: str) -> Tool:
@@ -102,7 +103,10 @@ def read_answer(plan: ToolPlan, text: str) -> ParsedAnswer | None:
     """The calls in a generated text (the primed prefix included), or None: answer with text."""
     if not plan.reads_calls:
         return None
-    return parse_tool_calls(plan.answer_prefix + text, plan.callable_names)
+    answer = parse_tool_calls(plan.answer_prefix + text, plan.callable_names)
+    if answer is not None and plan.single_call:
+        return ParsedAnswer(answer.content, answer.calls[:1])
+    return answer
 
 
 def response_calls(answer: ParsedAnswer) -> list[ResponseToolCall]:

@@ -180,6 +180,12 @@ async def test_auto_reads_calls_after_some_text_in_both_forms() -> None:
     ]
 
 
+async def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    text = '<tool_call>\n{"name":"ping","arguments":{}}\n</tool_call>\n' * 2
+    whole, streamed, _ = await both_answers({"tools": PING, "parallel_tool_calls": False}, text)
+    assert calls_of(whole) == calls_of(streamed) == [("ping", "{}")]
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
