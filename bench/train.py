@@ -10,7 +10,7 @@ other work, so two measurements are taken:
 - `side_by_side`: both arms at the same time, one thread each; only steps inside the window
   where both are measuring count, so whatever the neighbours do hits both arms alike. This is
   the ratio to trust.
-- `sequential`: one arm at a time with the trainer's default threads (all cores but one),
+- `sequential`: one arm at a time with the trainer's default threads (every core),
   alternating A B / B A round by round: the absolute seconds per step, as noisy as the
   machine is.
 Figures are medians of per-step wall time; CPU time per step is reported alongside.
@@ -76,7 +76,7 @@ def steps_from(stamps: list[Stamp], skip: int) -> list[dict[str, float]]:
 def run_trainer_arm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from trainer.dataset import write_jsonl
     from trainer.spec import TrainSpec
-    from trainer.train import train_adapter
+    from trainer.train import DataFiles, train_adapter
 
     train_path, heldout_path = work / "train.jsonl", work / "heldout.jsonl"
     write_jsonl(train_path, make_chats(args.batch * (args.steps + args.warmup + 1)))
@@ -98,7 +98,7 @@ def run_trainer_arm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     output = work / "adapter"
     output.mkdir()
-    result = train_adapter(train_path, heldout_path, spec, output, Path(args.cache), report)
+    result = train_adapter(DataFiles(train_path, heldout_path), spec, output, Path(args.cache), report)
     return {"steps": steps_from(stamps, args.warmup + 1), "loss": result.train_loss}
 
 

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or Path(os.environ.get("UNDERSTUDY_DATA_DIR", DEFAULT_DATA_DIR))
     # Imported here: it pulls in torch and transformers (seconds), which `--help` and the
     # gateway's CLI module must not pay for.
+    from trainer.console import ConsoleProgress
     from trainer.runner import JobContext, export_samples, run_job
 
     if args.export:
@@ -103,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     status_path = args.status_file or data_dir / "jobs" / f"{job_id}.json"
     context = JobContext(route=route, data_dir=data_dir, job_id=job_id, status_path=status_path)
     previous = _install_stop_handlers()
+    console = ConsoleProgress(sys.stderr)
     try:
-        status = run_job(context, spec)
+        status = run_job(context, spec, [console])
     except JobTerminated as exc:
         logging.getLogger("trainer").error("job %s %s", job_id, exc)
         return 128 + signal.Signals[exc.signal_name].value
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("trainer").error("job %s failed: %s", job_id, exc)
         return 1
     finally:
+        console.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print(f"job {job_id}: {status.message}; adapter at {status.adapter_path}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 Written atomically (temp file in the same folder + os.replace), so a reader never sees a half
 file and a process killed mid-write leaves the previous version. The first eight fields are
-the DESIGN.md job status shape; the rest are extras.
+the DESIGN.md job status shape; the rest are extras (the loss curve, the stop reason, an ETA,
+for the dashboard and the terminal).
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 JobState = Literal["queued", "training", "completed", "error"]
 TERMINAL_STATES: frozenset[str] = frozenset({"completed", "error"})
@@ -41,7 +43,12 @@ class JobStatus(BaseModel):
     job_id: str | None = None
     route: str | None = None
     adapter_version: int | None = None
-    eval_loss: float | None = None
+    eval_loss: float | None = None  # on the held-out split, once training is over
+    validation_loss: float | None = None  # latest on the validation slice (what stops training)
+    loss_curve: list[dict[str, int | float]] = Field(default_factory=list)  # {step, loss?, validation_loss?}
+    stop_reason: str | None = None  # e.g. "early_stopping: validation loss flat for 3 evals"
+    eta_seconds: float | None = None
+    threads: int | None = None
     pid: int | None = None
     created_at: str | None = None
     started_at: str | None = None
@@ -87,20 +94,30 @@ def read_status(path: Path) -> JobStatus | None:
     return JobStatus.model_validate_json(text)
 
 
-class ProgressReporter:
-    """Holds a job's current status and rewrites its file on every update."""
+StatusWatcher = Callable[[JobStatus], object]
 
-    def __init__(self, path: Path, initial: JobStatus) -> None:
+
+class ProgressReporter:
+    """Holds a job's current status, rewrites its file on every update and shows each new
+    status to the watchers (e.g. the terminal's progress bar)."""
+
+    def __init__(self, path: Path, initial: JobStatus, watchers: Sequence[StatusWatcher] = ()) -> None:
         self.path = path
+        self.watchers = list(watchers)
         self.current = initial
-        write_status(path, initial)
+        self._publish()
 
     def update(self, **changes: Any) -> JobStatus:
         self.current = self.current.model_copy(update=changes)
-        write_status(self.path, self.current)
+        self._publish()
         return self.current
 
     def finish(self, status: JobState, message: str, **changes: Any) -> JobStatus:
         self.current = self.current.finished(status, message, **changes)
-        write_status(self.path, self.current)
+        self._publish()
         return self.current
+
+    def _publish(self) -> None:
+        write_status(self.path, self.current)
+        for watcher in self.watchers:
+            watcher(self.current)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,17 +17,23 @@ from trainer.dataset import (
     Conversion,
     Sample,
     data_hash,
+    heldout_bucket,
     load_route_records,
     load_samples,
+    offers_tools,
+    prompt_key,
     records_to_samples,
     split_samples,
     write_jsonl,
 )
 from trainer.errors import DataError, TrainerError
 from trainer.locks import hold_route_lock
-from trainer.progress import JobStatus, ProgressReporter, read_status, utc_now
+from trainer.progress import JobStatus, ProgressReporter, StatusWatcher, read_status, utc_now
+from trainer.selection import TrainingSet, load_failed, seen_prompts, select_training_set
 from trainer.spec import TrainSpec
-from trainer.train import TrainResult, train_adapter
+from trainer.train import DataFiles, TrainResult, train_adapter
+
+VALIDATION_FILE = "validation.jsonl"
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +62,9 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def run_job(ctx: JobContext, spec: TrainSpec) -> JobStatus:
+def run_job(ctx: JobContext, spec: TrainSpec, watchers: Sequence[StatusWatcher] = ()) -> JobStatus:
     """Run the job to completion; on any failure the status file ends as `error` with the
-    reason and the exception propagates."""
+    reason and the exception propagates. `watchers` see every status (e.g. a terminal bar)."""
     previous = read_status(ctx.status_path)
     started_at = utc_now()
     reporter = ProgressReporter(
@@ -71,6 +78,7 @@ def run_job(ctx: JobContext, spec: TrainSpec) -> JobStatus:
             created_at=previous.created_at if previous else started_at,
             started_at=started_at,
         ),
+        watchers,
     )
     try:
         with hold_route_lock(ctx.data_dir, ctx.route, ctx.job_id):
@@ -88,6 +96,18 @@ def run_job(ctx: JobContext, spec: TrainSpec) -> JobStatus:
     )
 
 
+def choose_training_set(spec: TrainSpec, pool: list[Sample], heldout: list[Sample]) -> TrainingSet:
+    """The capped, diverse training set and the validation slice, from the non-held-out pool
+    plus the failed pairs (those whose prompt is held out stay with the judge)."""
+    failed = load_failed(spec.failed_data) if spec.failed_data else []
+    judged = {prompt_key(s) for s in heldout}
+    trainable_failed = [
+        s for s in failed if prompt_key(s) not in judged and heldout_bucket(s) >= spec.eval_fraction
+    ]
+    seen = seen_prompts(spec.init_adapter, (TRAIN_FILE, VALIDATION_FILE))
+    return select_training_set(pool, spec, trainable_failed, seen)
+
+
 def _train_and_publish(
     ctx: JobContext, spec: TrainSpec, reporter: ProgressReporter
 ) -> tuple[AdapterVersion, TrainResult]:
@@ -96,23 +116,26 @@ def _train_and_publish(
     conversion = collect_samples(spec, ctx.data_dir, ctx.route)
     if not conversion.samples:
         raise DataError(f"no usable pairs for route {ctx.route!r} (skipped: {dict(conversion.skipped)})")
-    train, heldout = split_samples(conversion.samples, spec.eval_fraction)
+    pool, heldout = split_samples(conversion.samples, spec.eval_fraction)
+    chosen = choose_training_set(spec, pool, heldout)
     log.info(
-        "route %s: %d train, %d held out, skipped %s",
+        "route %s: %d train, %d validation, %d held out (%s), skipped %s",
         ctx.route,
-        len(train),
+        len(chosen.train),
+        len(chosen.validation),
         len(heldout),
+        chosen.counts,
         dict(conversion.skipped),
     )
     registry = AdapterRegistry(ctx.data_dir)
     with registry.staging(ctx.route, ctx.job_id) as stage:
-        write_jsonl(stage / TRAIN_FILE, train)
-        write_jsonl(stage / HELDOUT_FILE, heldout)
+        files = DataFiles(stage / TRAIN_FILE, stage / HELDOUT_FILE, stage / VALIDATION_FILE)
+        write_jsonl(files.train, chosen.train)
+        write_jsonl(stage / VALIDATION_FILE, chosen.validation)
+        write_jsonl(files.heldout, heldout)
         cache_root = spec.model_cache or ctx.data_dir
-        result = train_adapter(
-            stage / TRAIN_FILE, stage / HELDOUT_FILE, spec, stage, cache_root, reporter.update
-        )
-        meta = build_meta(ctx, spec, conversion, (train, heldout), result, reporter.current, started)
+        result = train_adapter(files, spec, stage, cache_root, reporter.update)
+        meta = build_meta(ctx, spec, conversion, (chosen, heldout), result, reporter.current, started)
         version = registry.commit(ctx.route, stage, meta)
     return version, result
 
@@ -121,13 +144,13 @@ def build_meta(
     ctx: JobContext,
     spec: TrainSpec,
     conversion: Conversion,
-    split: tuple[list[Sample], list[Sample]],
+    split: tuple[TrainingSet, list[Sample]],
     result: TrainResult,
     status: JobStatus,
     started: float,
 ) -> dict[str, Any]:
     """meta.json of a new adapter version (the registry adds route, version, created_at)."""
-    train, heldout = split
+    chosen, heldout = split
     return {
         "job_id": ctx.job_id,
         "base_model": spec.base_model,
@@ -136,18 +159,28 @@ def build_meta(
         "data_source": str(spec.data) if spec.data else "log store",
         "data_hash": data_hash(conversion.samples),
         "sample_count": len(conversion.samples),
-        "train_count": len(train),
+        "train_count": len(chosen.train),
+        "trained_with_tools": offers_tools(chosen.train),
+        "validation_count": len(chosen.validation),
         "heldout_count": len(heldout),
+        "selection": chosen.counts,
         "skipped": dict(conversion.skipped),
         "dropped_examples": result.dropped_examples,
         "hyperparameters": {**spec.hyperparameters(), "epochs": result.epochs},
         "lora": result.lora,
         "train_loss": result.train_loss,
+        "validation_loss": result.validation_loss,
         "eval_loss": result.eval_loss,
         "loss_history": result.loss_history,
+        "loss_curve": result.loss_curve,
         "total_steps": result.total_steps,
+        "steps_run": result.total_steps,
+        "planned_steps": result.planned_steps,
+        "examples_seen": result.total_steps * spec.batch_size * spec.grad_accum,
+        "stop_reason": result.stop_reason,
         "device": result.device,
         "dtype": result.dtype,
+        "threads": result.threads,
         "timing": {
             "started_at": status.started_at,
             "finished_at": utc_now(),

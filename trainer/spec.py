@@ -13,9 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from local_backend.loading import DEFAULT_MODEL
 
 ALL_LINEAR: Literal["all-linear"] = "all-linear"
-MIN_EPOCHS, MAX_EPOCHS = 1, 10
 # Fields that say where and on what it runs, not how to train: left out of the recorded hyperparameters.
-_LOCATION_FIELDS = frozenset({"data", "model_cache", "device", "threads"})
+_LOCATION_FIELDS = frozenset({"data", "failed_data", "model_cache", "device", "threads"})
 
 
 class TrainSpec(BaseModel):
@@ -33,8 +32,20 @@ class TrainSpec(BaseModel):
     target_modules: list[str] | Literal["all-linear"] = Field(
         ALL_LINEAR, description="'all-linear' or comma-separated module names (q_proj,v_proj)"
     )
-    epochs: int | None = Field(None, ge=1, description="default: round(10000 / samples) clamped 1..10")
+    epochs: int | None = Field(None, ge=1, description="exactly this many epochs, instead of the budget")
+    max_epochs: int = Field(4, ge=1, description="cap on epochs when the budget decides")
+    max_examples_seen: int = Field(400, ge=1, description="budget of a first job, in examples seen")
+    retrain_examples_seen: int = Field(
+        200, ge=1, description="budget of a job continuing from init_adapter, in examples seen"
+    )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    max_samples: int = Field(300, ge=1, description="training pairs at most: a deduplicated, diverse sample")
+    replay_fraction: float = Field(
+        0.25, ge=0.0, le=1.0, description="share of a retrain's pairs replayed from the previous adapter's"
+    )
+    failed_data: Path | None = Field(
+        None, description="JSONL of pairs the candidate failed (chats, log records or eval rows)"
+    )
     max_length: int = Field(1024, ge=16, description="tokens per example; longer ones are cut")
     batch_size: int = Field(4, ge=1, description="examples per device step")
     grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
@@ -43,12 +54,24 @@ class TrainSpec(BaseModel):
     lr_scheduler: str = Field("linear", description="transformers scheduler name")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="held-out share, split by prompt hash")
-    eval_each_epoch: bool = Field(False, description="eval loss after every epoch, not only at the end")
+    validation_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="share of training pairs set aside for the loss that stops training"
+    )
+    max_validation_samples: int = Field(32, ge=1, description="validation pairs at most")
+    eval_steps: int | None = Field(
+        None, ge=1, description="validation loss every N steps (default: ~12 a job)"
+    )
+    early_stopping_patience: int = Field(
+        3, ge=0, description="stop after N evals without improvement (0: never stop early)"
+    )
+    early_stopping_min_delta: float = Field(
+        0.01, ge=0.0, description="a smaller fall of the validation loss counts as flat"
+    )
     group_by_length: bool = Field(True, description="batch similar lengths together (less padding)")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory (large models)")
     seed: int = Field(42, description="seed for LoRA init, shuffling and dropout")
     device: str | None = Field(None, description="cpu, cuda, cuda:N; default CUDA when present")
-    threads: int | None = Field(None, ge=1, description="CPU threads; default all cores but one")
+    threads: int | None = Field(None, ge=1, description="CPU threads; default every core")
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -78,16 +101,13 @@ class TrainSpec(BaseModel):
         return argv
 
 
-def epochs_for(sample_count: int) -> int:
-    """OpenPipe's rule of thumb: about 10000 examples seen in total, 1 to 10 epochs."""
-    if sample_count <= 0:
-        return MAX_EPOCHS
-    return max(MIN_EPOCHS, min(MAX_EPOCHS, round(10_000 / sample_count)))
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_threads() -> int:
-    """All usable cores but one: a job shares the machine with the gateway and the local
-    backend, and when torch's threads outnumber the free cores its OpenMP workers spin against
-    each other (measured on 2 shared cores: 8x the CPU time per step at 2 threads vs 1)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, usable - 1)
+def default_threads(local_serving: bool = False) -> int:
+    """CPU threads for a job: every usable core while nothing is served locally; half of them
+    (at least one) while the local backend answers requests, so decoding keeps its cores.
+    The gateway calls this when it starts a job; `training.threads` overrides it."""
+    usable = usable_cores()
+    return max(1, usable // 2) if local_serving else usable

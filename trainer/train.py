@@ -14,7 +14,6 @@ import logging
 import shutil
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,17 @@ import torch
 import transformers
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from local_backend.loading import ModelNotFoundError, default_dtype, load_model, pick_device
+from trainer.callbacks import FlatLossStop, ProgressCallback, Report
 from trainer.chat_format import IGNORE_INDEX, TemplateMismatch, tokenize_sample
 from trainer.dataset import load_chat_dataset
 from trainer.errors import DataError, ModelLoadError
-from trainer.spec import TrainSpec, default_threads, epochs_for
+from trainer.plan import StepPlan, plan_steps, stop_reason
+from trainer.spec import TrainSpec, default_threads
 
 log = logging.getLogger(__name__)
-
-Report = Callable[..., object]
-MAX_HISTORY_POINTS = 200
 
 
 @dataclass
@@ -44,19 +42,25 @@ class TrainResult:
 
     epochs: int
     total_steps: int
+    planned_steps: int
+    stop_reason: str
     train_examples: int
+    validation_examples: int
     heldout_examples: int
     dropped_examples: int
     train_loss: float | None
+    validation_loss: float | None
     eval_loss: float | None
     train_seconds: float
     seconds_per_step: float
     samples_per_second: float
     device: str
     dtype: str
+    threads: int | None
     base_model_path: str
     lora: dict[str, Any]
     loss_history: list[dict[str, float]] = field(default_factory=list)
+    loss_curve: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -66,29 +70,17 @@ class LoadedBase:
     path: str
     device: str
     dtype: str
+    threads: int | None
 
 
-class ProgressCallback(TrainerCallback):
-    """Forwards step, epoch and loss to the job's status file on every log event."""
+@dataclass(frozen=True)
+class DataFiles:
+    """A job's splits as samples JSONL: trained on, validated on (stops training), held out
+    (for the judge; its loss is only reported)."""
 
-    def __init__(self, report: Report, total_epochs: int) -> None:
-        self.report = report
-        self.total_epochs = total_epochs
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.report(message="training", total_steps=state.max_steps, total_epochs=self.total_epochs)
-
-    def on_log(
-        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
-    ) -> None:
-        changes: dict[str, Any] = {
-            "current_step": state.global_step,
-            "current_epoch": round(state.epoch or 0.0, 3),
-        }
-        for key in ("loss", "eval_loss"):
-            if logs and key in logs:
-                changes[key] = round(float(logs[key]), 5)
-        self.report(**changes)
+    train: Path
+    heldout: Path
+    validation: Path | None = None
 
 
 class PadCollator:
@@ -119,8 +111,10 @@ def load_base(spec: TrainSpec, cache_root: Path) -> LoadedBase:
     """The base model and tokenizer on the chosen device (CUDA + bf16 when present)."""
     device = pick_device(spec.device)
     dtype = default_dtype(device)
+    threads = None
     if device == "cpu":
-        torch.set_num_threads(spec.threads or default_threads())
+        threads = spec.threads or default_threads()
+        torch.set_num_threads(threads)
     try:
         model, tokenizer, source = load_model(spec.base_model, cache_root, device=device, dtype=dtype)
     except (ModelNotFoundError, OSError, ValueError) as exc:
@@ -128,7 +122,7 @@ def load_base(spec: TrainSpec, cache_root: Path) -> LoadedBase:
     if not tokenizer.chat_template:
         raise ModelLoadError(f"base model {spec.base_model!r} has no chat template")
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    return LoadedBase(model, tokenizer, str(source.folder), device, dtype)
+    return LoadedBase(model, tokenizer, str(source.folder), device, dtype, threads)
 
 
 def attach_lora(model: Any, spec: TrainSpec) -> PeftModel:
@@ -187,22 +181,24 @@ def tokenize_dataset(dataset: Dataset, tokenizer: Any, max_length: int) -> tuple
 
 
 def training_arguments(
-    spec: TrainSpec, output_dir: Path, base: LoadedBase, epochs: int, has_eval: bool
+    spec: TrainSpec, output_dir: Path, base: LoadedBase, plan: StepPlan, validate: bool
 ) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=spec.batch_size,
         per_device_eval_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.grad_accum,
-        num_train_epochs=epochs,
-        max_steps=spec.max_steps or -1,
+        max_steps=plan.max_steps,  # always set: the plan, not an epoch count, bounds the job
         learning_rate=spec.learning_rate,
         lr_scheduler_type=spec.lr_scheduler,
         warmup_steps=spec.warmup_ratio,  # a value below 1 is a ratio of the total steps
         weight_decay=spec.weight_decay,
         logging_strategy="steps",
         logging_steps=1,
-        eval_strategy="epoch" if spec.eval_each_epoch and has_eval else "no",
+        eval_strategy="steps" if validate else "no",
+        eval_steps=plan.eval_steps,
+        metric_for_best_model="eval_loss" if validate else None,
+        greater_is_better=False,
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
@@ -218,80 +214,94 @@ def training_arguments(
     )
 
 
-def _loss_history(trainer: Trainer, keep: int = MAX_HISTORY_POINTS) -> list[dict[str, float]]:
-    """Logged training losses, thinned to about `keep` points (the last one always kept)."""
-    points = [
-        {"step": entry["step"], "loss": round(float(entry["loss"]), 5)}
-        for entry in trainer.state.log_history
-        if "loss" in entry
-    ]
-    stride = max(1, -(-len(points) // keep))
-    thinned = points[::stride]
-    if points and thinned[-1] is not points[-1]:
-        thinned.append(points[-1])
-    return thinned
+def build_callbacks(report: Report, spec: TrainSpec, plan: StepPlan, validate: bool) -> list[Any]:
+    callbacks: list[Any] = [ProgressCallback(report, plan.epochs)]
+    if validate and spec.early_stopping_patience > 0:
+        callbacks.append(FlatLossStop(spec.early_stopping_patience, spec.early_stopping_min_delta))
+    return callbacks
+
+
+def _tokenized(path: Path | None, base: LoadedBase, spec: TrainSpec, cache: Path) -> tuple[Dataset, int]:
+    if path is None:
+        return Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": [], "length": []}), 0
+    return tokenize_dataset(load_chat_dataset(path, cache), base.tokenizer, spec.max_length)
+
+
+def _best_validation_loss(trainer: Trainer) -> float | None:
+    losses = [float(entry["eval_loss"]) for entry in trainer.state.log_history if "eval_loss" in entry]
+    return round(min(losses), 5) if losses else None
 
 
 def train_adapter(
-    train_path: Path,
-    heldout_path: Path,
-    spec: TrainSpec,
-    output_dir: Path,
-    cache_root: Path,
-    report: Report,
+    files: DataFiles, spec: TrainSpec, output_dir: Path, cache_root: Path, report: Report
 ) -> TrainResult:
-    """Train a LoRA adapter on `train_path`, measure eval loss on `heldout_path`, and save the
-    adapter (peft format) into `output_dir`."""
+    """Train a LoRA adapter on `files.train` within the step plan, stopping early when the loss
+    on `files.validation` is flat; report the loss on `files.heldout`; save the adapter (peft
+    format) into `output_dir`."""
     quiet_progress_bars()
     report(message="loading base model")
     base = load_base(spec, cache_root)
+    report(threads=base.threads)
     scratch = output_dir / ".scratch"  # datasets cache and Trainer output; not part of the adapter
-    datasets_cache = scratch / "datasets"
-    train_set, dropped = tokenize_dataset(
-        load_chat_dataset(train_path, datasets_cache), base.tokenizer, spec.max_length
-    )
-    heldout_set, dropped_heldout = tokenize_dataset(
-        load_chat_dataset(heldout_path, datasets_cache), base.tokenizer, spec.max_length
-    )
+    cache = scratch / "datasets"
+    train_set, dropped = _tokenized(files.train, base, spec, cache)
+    validation_set, dropped_validation = _tokenized(files.validation, base, spec, cache)
+    heldout_set, dropped_heldout = _tokenized(files.heldout, base, spec, cache)
     if len(train_set) == 0:
         raise DataError("no training example has an answer left after tokenization")
-    epochs = spec.epochs or epochs_for(len(train_set))
+    plan = plan_steps(spec, len(train_set))
+    validate = len(validation_set) > 0
     model = attach_lora(base.model, spec)
     if spec.gradient_checkpointing:
         model.enable_input_require_grads()
+    callbacks = build_callbacks(report, spec, plan, validate)
     trainer = Trainer(
         model=model,
-        args=training_arguments(spec, scratch / "trainer", base, epochs, len(heldout_set) > 0),
+        args=training_arguments(spec, scratch / "trainer", base, plan, validate),
         train_dataset=train_set,
-        eval_dataset=heldout_set if len(heldout_set) else None,
+        eval_dataset=validation_set if validate else None,
         data_collator=PadCollator(base.tokenizer.pad_token_id),
-        callbacks=[ProgressCallback(report, epochs)],
+        callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # a dict per step on stdout; our watchers report instead
     started = time.perf_counter()
     output = trainer.train()
     train_seconds = time.perf_counter() - started
+    stopped_early = any(isinstance(c, FlatLossStop) and c.stopped_at is not None for c in callbacks)
+    reason = stop_reason(plan, stopped_early, spec)
+    report(stop_reason=reason, eta_seconds=0.0)
     eval_loss = None
     if len(heldout_set):
-        report(message="evaluating on the held-out split")
-        eval_loss = round(float(trainer.evaluate()["eval_loss"]), 5)
+        report(message="measuring the loss on the held-out split")
+        trainer.remove_callback(FlatLossStop)
+        eval_loss = round(
+            float(trainer.evaluate(heldout_set, metric_key_prefix="heldout")["heldout_loss"]), 5
+        )
         report(eval_loss=eval_loss)
     model.save_pretrained(str(output_dir))
     shutil.rmtree(scratch, ignore_errors=True)
     steps = trainer.state.global_step
+    progress: ProgressCallback = callbacks[0]
     return TrainResult(
-        epochs=epochs,
+        epochs=plan.epochs,
         total_steps=steps,
+        planned_steps=plan.max_steps,
+        stop_reason=reason,
         train_examples=len(train_set),
+        validation_examples=len(validation_set),
         heldout_examples=len(heldout_set),
-        dropped_examples=dropped + dropped_heldout,
+        dropped_examples=dropped + dropped_validation + dropped_heldout,
         train_loss=round(float(output.training_loss), 5),
+        validation_loss=_best_validation_loss(trainer),
         eval_loss=eval_loss,
         train_seconds=round(train_seconds, 3),
         seconds_per_step=round(train_seconds / max(steps, 1), 4),
         samples_per_second=round(float(output.metrics.get("train_samples_per_second", 0.0)), 3),
         device=base.device,
         dtype=base.dtype,
+        threads=base.threads,
         base_model_path=base.path,
         lora=lora_summary(model),
-        loss_history=_loss_history(trainer),
+        loss_history=progress.curve.train_losses(),
+        loss_curve=progress.curve.thinned(),
     )

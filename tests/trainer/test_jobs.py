@@ -78,7 +78,7 @@ async def test_job_trains_end_to_end_as_a_subprocess(
     tiny_model_dir: Path,
     data_dir: Path,
 ) -> None:
-    job_id = await manager.start("words", tiny_spec(epochs=6))
+    job_id = await manager.start("words", tiny_spec(epochs=6, early_stopping_patience=0))
     assert manager.status(job_id)["status"] == "queued"  # type: ignore[index]
     assert manager.running_job("words") == job_id
     final, seen = await watch(manager, job_id)
@@ -99,8 +99,13 @@ async def test_job_trains_end_to_end_as_a_subprocess(
     version = AdapterRegistry(data_dir).latest("words")
     assert version is not None and version.version == 1
     meta = version.meta
-    assert meta["sample_count"] == 20 and meta["train_count"] + meta["heldout_count"] == 20
+    assert meta["sample_count"] == 20
+    assert meta["train_count"] + meta["validation_count"] + meta["heldout_count"] == 20
     assert meta["heldout_count"] >= 1 and meta["hyperparameters"]["epochs"] == 6
+    assert meta["validation_count"] >= 1 and meta["stop_reason"] == "epochs: 6 epochs"
+    assert meta["steps_run"] == meta["planned_steps"] == final["total_steps"]
+    assert any("validation_loss" in point for point in meta["loss_curve"])
+    assert final["loss_curve"] and final["stop_reason"] == meta["stop_reason"]
     assert len(version.heldout_path.read_text().splitlines()) == meta["heldout_count"]
     losses = [point["loss"] for point in meta["loss_history"]]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses

@@ -1,7 +1,9 @@
-"""TrainSpec, the epoch rule, names, and the CLI's mapping of flags onto the spec."""
+"""TrainSpec, its default threads, names, and the CLI's mapping of flags onto the spec."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,15 +11,34 @@ import pytest
 from trainer.cli import build_parser, main, spec_from_args
 from trainer.errors import InvalidName
 from trainer.names import new_job_id, validate_job_id, validate_route
-from trainer.spec import TrainSpec, epochs_for
+from trainer.spec import TrainSpec, default_threads
+
+MakeSpec = Callable[..., TrainSpec]
 
 
-@pytest.mark.parametrize(
-    ("count", "epochs"),
-    [(0, 10), (1, 10), (999, 10), (1000, 10), (1500, 7), (4000, 2), (9999, 1), (10**6, 1)],
-)
-def test_epochs_follow_openpipes_rule(count: int, epochs: int) -> None:
-    assert epochs_for(count) == epochs
+@pytest.mark.parametrize(("cores", "idle", "serving"), [(1, 1, 1), (2, 2, 1), (3, 3, 1), (16, 16, 8)])
+def test_a_job_uses_every_core_unless_the_local_model_serves(
+    monkeypatch: pytest.MonkeyPatch, cores: int, idle: int, serving: int
+) -> None:
+    monkeypatch.setattr("trainer.spec.usable_cores", lambda: cores)
+    assert default_threads(local_serving=False) == idle
+    assert default_threads(local_serving=True) == serving
+
+
+def test_the_job_runs_on_the_threads_its_spec_names(tiny_spec: MakeSpec, data_dir: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        spec = tiny_spec(max_steps=1, threads=1)
+        assert main(["--route", "words", "--data-dir", str(data_dir), *spec.to_argv()]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    meta = json.loads((data_dir / "adapters" / "words" / "v1" / "meta.json").read_text())
+    assert meta["threads"] == 1 and "threads" not in meta["hyperparameters"]
+    (status,) = [json.loads(p.read_text()) for p in (data_dir / "jobs").glob("*.json")]
+    assert status["threads"] == 1
 
 
 def test_spec_round_trips_through_cli_flags() -> None:
@@ -29,6 +50,12 @@ def test_spec_round_trips_through_cli_flags() -> None:
         lora_dropout=0.0,
         target_modules=["q_proj", "v_proj"],
         epochs=3,
+        max_examples_seen=800,
+        max_samples=50,
+        replay_fraction=0.5,
+        failed_data=Path("/tmp/failed.jsonl"),
+        early_stopping_min_delta=0.001,
+        early_stopping_patience=0,
         learning_rate=1e-3,
         eval_fraction=0.1,
         group_by_length=False,
