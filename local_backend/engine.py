@@ -37,6 +37,7 @@ from local_backend.jobs import GenerationJob, JobFailed
 from local_backend.loading import load_model
 from local_backend.metrics import BackendMetrics
 from local_backend.scheduler import ControlOp, Scheduler
+from local_backend.selftest import SelfTestResult, lora_self_test
 from local_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class Engine:
         self.metrics = metrics
         self.state = EngineState.LOADING
         self.error: str | None = None
+        # Whether this library stack can serve LoRA adapters (None until the model loads).
+        self.lora_selftest: SelfTestResult | None = None
         self.created = int(time.time())
         self._handle: ModelHandle | None = None
         self._compiler: GrammarCompiler | None = None
@@ -103,6 +106,8 @@ class Engine:
             torch.set_num_threads(s.threads)
         model, tokenizer, source = load_model(s.model, s.model_cache_root, s.device, s.dtype)
         self._handle = _model_handle(model, tokenizer, s.max_model_len)
+        # Before any real adapter: the throwaway one must leave the bare model behind.
+        self.lora_selftest = lora_self_test(model, tokenizer)
         self._base_names = self._base_names | {source.name}
         self._root = str(source.folder)
         self._compiler = GrammarCompiler(tokenizer, cache_dir=s.outlines_cache_dir)

@@ -106,7 +106,12 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
 async def health(request: Request) -> Response:
     engine = _engine(request)
     if engine.ready:
-        return _json({"status": "ok", "model": engine.model_name})
+        # A failed LoRA self-test still answers 200: the base model serves, and a supervisor
+        # restarting the process would not fix the library stack. Callers read the field.
+        ready: dict[str, Any] = {"status": "ok", "model": engine.model_name}
+        if engine.lora_selftest is not None:
+            ready["lora_selftest"] = engine.lora_selftest.as_json()
+        return _json(ready)
     body: dict[str, Any] = {"status": engine.state.value}
     if engine.state is EngineState.FAILED:
         body["error"] = engine.error
