@@ -123,6 +123,41 @@ class Metrics:
             registry=r,
         )
 
+        self.local_skipped = Counter(
+            f"{PREFIX}local_skipped",
+            "Requests on a locally served route that the cloud answered because the local model "
+            "cannot serve them (reason: non_text_content, unsupported_parameter, context_length, "
+            "tools_mismatch, backend_down)",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.local_fallbacks = Counter(
+            f"{PREFIX}local_fallbacks",
+            "Local answers that failed before their first byte and were answered by the cloud",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.judge_cost = Counter(
+            f"{PREFIX}judge_cost_usd",
+            "Estimated USD spent on the gateway's own cloud calls for a route (judging, spot checks)",
+            ["route"],
+            registry=r,
+        )
+        self.local_selftest_ok = Gauge(
+            f"{PREFIX}local_selftest_ok",
+            "1 when the local backend generated with a LoRA adapter at start-up; 0 when it could "
+            "not (training is held: an adapter could never be served)",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.route_blocked = Gauge(
+            f"{PREFIX}route_blocked",
+            "1 while a route cannot make progress in its cycle (reason: selftest, training_failed)",
+            ["route", "reason"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+
     def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Make `gauge` report `read()` at each scrape."""
         if self.multiprocess_dir:

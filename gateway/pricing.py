@@ -138,13 +138,16 @@ class CostMeter:
         model: str | None,
         prompt_tokens: int | None,
         completion_tokens: int | None,
-    ) -> None:
-        """One answer: `model` is what the cloud was asked for (for a cloud answer)."""
+    ) -> float:
+        """One answer: `model` is what the cloud was asked for (for a cloud answer). Returns
+        what it cost in USD (0 for a local answer)."""
         prompt, completion = prompt_tokens or 0, completion_tokens or 0
         spent = self.metrics.cost.labels(route.name, backend)
         if backend == "cloud":
-            spent.inc(self.prices.cost(model, prompt, completion))
-            return
+            cost = self.prices.cost(model, prompt, completion)
+            spent.inc(cost)
+            return cost
         spent.inc(0)  # the local model costs no API money; keep the series visible
         saved = self.prices.cost(route.upstream_model or model, prompt, completion)
         self.metrics.cost_saved.labels(route.name).inc(saved)
+        return 0.0

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from gateway.adaptive.controller import AdaptiveController
+from gateway.adaptive.dispatch import Dispatcher
 from gateway.domain import LOCAL_ENDPOINT
 from gateway.domain.exchange import Exchange, usage_tokens
 from gateway.domain.view import RequestView
@@ -55,7 +56,7 @@ class Services:
         }
         # None unless client keys or limits are configured: the open default pays nothing.
         self.guard = Guard(settings, self.metrics, clock) if limits_configured(settings) else None
-        self.store: Store = open_store(settings.database_url, settings.data_dir)
+        self.store: Store = open_store(settings.store_url)
         self.writer = LogWriter(
             self.store,
             max_batch=settings.log.max_batch,
@@ -77,10 +78,11 @@ class Services:
                 self.controller = AdaptiveController(
                     settings, self.store, self.metrics, self.local_client, self.call_cloud
                 )
+                self.controller.pays_for_own_calls = self.pays_for_own_calls
+        self.dispatcher = Dispatcher(
+            self.controller, self.local_upstream, self.metrics, lambda: self.local_up
+        )
         self.metrics.declare_routes(r.name for r in self.routes.routes if not (r.adapt and self.controller))
-        # The last client Authorization seen per upstream, kept in memory only (never logged):
-        # with no configured upstream key, background calls (judge, spot checks) borrow it.
-        self._client_auth: dict[str, str] = {}
         self.started = False
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -95,7 +97,9 @@ class Services:
         if self.guard is not None:
             await self.guard.start()
         if self.settings.manages_local_backend:
-            self.backend = BackendSupervisor(self.settings, on_spawn=self._local_restarted)
+            self.backend = BackendSupervisor(
+                self.settings, on_spawn=self._local_restarted, on_healthy=self._local_healthy
+            )
             await self.backend.start()
         if self.local_upstream is not None and self.local_client is not None:
             await self.local_upstream.start()
@@ -122,11 +126,7 @@ class Services:
         await asyncio.to_thread(self.store.close)
 
     def describe_store(self) -> str:
-        return (
-            "postgresql"
-            if self.settings.database_url
-            else f"sqlite:{self.settings.data_dir / 'understudy.db'}"
-        )
+        return self.store.describe()
 
     async def commit(self, ex: Exchange) -> None:
         """Make the exchange's record durable (or spilled, if the store is failing), and
@@ -149,23 +149,33 @@ class Services:
         if self.local_client is not None:
             self.local_client.forget_loaded()
 
-    def remember_client_auth(self, upstream: str, authorization: str | None) -> None:
-        if authorization:
-            self._client_auth[upstream] = authorization
+    def _local_healthy(self) -> None:
+        """A (re)started backend answers: learn its context and its LoRA self-test result."""
+        if self.controller is not None:
+            self.controller.spawn(self.controller.check_local_backend())
 
-    async def call_cloud(self, route_name: str, body: dict[str, Any], kind: str) -> dict[str, Any]:
+    def pays_for_own_calls(self, route_name: str) -> bool:
+        """True when the route's upstream has a key of its own, so the gateway can make calls
+        that no client request pays for (held-out evals)."""
+        return self.upstreams[self.routes.by_name[route_name].upstream].api_key is not None
+
+    async def call_cloud(
+        self, route_name: str, body: dict[str, Any], kind: str, authorization: str | None = None
+    ) -> dict[str, Any]:
         """A chat completion the gateway makes for itself (a judge's grading, a spot check's
         reference answer): through the route's upstream, logged with its `kind`, never counted
-        as user traffic. Raises GatewayError unless the upstream answers 200 with JSON."""
+        as user traffic. It pays with the upstream's key, else with `authorization`, the
+        credentials of the client request it is about (held by the caller in memory only).
+        Raises GatewayError unless the upstream answers 200 with JSON."""
         route = self.routes.by_name[route_name]
         upstream = self.upstreams[route.upstream]
         if route.upstream_model and kind != "judge":
             body = {**body, "model": route.upstream_model}
         headers = {"content-type": "application/json"}
-        if upstream.api_key is None and route.upstream in self._client_auth:
-            headers["authorization"] = self._client_auth[route.upstream]
         if upstream.api_key is not None:
             headers["authorization"] = f"Bearer {upstream.api_key}"
+        elif authorization:
+            headers["authorization"] = authorization
         raw = orjson.dumps(body)
         ex = Exchange(method="POST", endpoint=LOCAL_ENDPOINT, route=route_name, kind=kind)
         ex.model, ex.request_text = str(body.get("model")), raw.decode()
@@ -191,7 +201,8 @@ class Services:
             await self.commit(ex)
             raise UpstreamUnreachable(f"upstream answered {ex.status} to a {kind} call")
         ex.usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
-        self.costs.record(route, "cloud", ex.model, *usage_tokens(ex.usage))
+        spent = self.costs.record(route, "cloud", ex.model, *usage_tokens(ex.usage))
+        self.metrics.judge_cost.labels(route_name).inc(spent)
         await self.commit(ex)
         return answer
 
@@ -202,7 +213,7 @@ class Services:
     def observe(self, ex: Exchange) -> None:
         if self.controller is not None and ex.kind == "user":
             ok = ex.status == 200 and ex.outcome == "ok"
-            self.controller.observe(ex.route, ex.backend, ex.endpoint, ok, ex.request_body, ex.answer)
+            self.controller.observe(ex, ok)
         metrics = self.metrics
         metrics.requests.labels(ex.route, ex.backend, str(ex.status)).inc()
         metrics.request_duration.labels(ex.route, ex.backend).observe(ex.latency_s)

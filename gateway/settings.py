@@ -24,6 +24,7 @@ DEFAULT_UPSTREAM = "default"
 DEFAULT_ROUTE = "default"
 DEFAULT_LOCAL_MODEL = "SmolLM2-135M-Instruct"
 ROUTE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SERVER_NAME_PATTERN = r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*"
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -81,15 +82,22 @@ class PolicySettings(_Strict):
     # Pass/fail judges (exact, json_equal) score 0 or 100, so with threshold 100 the default
     # demotes on the first failed spot check; a lower bar here tolerates a small error rate.
     min_rolling_score: float | None = Field(None, ge=0, le=100)
+    # Promotion is a sequential test: at least promote_after verdicts and the 95% Wilson lower
+    # bound of the pass rate at or above min_pass_rate; the upper bound below it rejects.
     promote_after: int = Field(20, ge=1)
-    # Promotion also needs the 95% lower bound of the eval pass rate to clear this, so one
-    # lucky streak on a noisy judge does not promote.
     min_pass_rate: float = Field(0.8, ge=0, le=1)
     eval_rate: float = Field(0.05, ge=0, le=1)
     window: int = Field(50, ge=1)
     demote_after: int = Field(3, ge=1)
     cooldown_s: float = Field(3600.0, ge=0)
     judge: Literal["upstream", "exact", "json_equal", "embedding"] = "upstream"
+    # The model that grades (upstream judge). Default: the route's upstream_model, else the
+    # model of the request being judged. Called through the route's own upstream.
+    judge_model: str | None = None
+    # An eval that has not decided by then goes back to the cloud, with the reason in the
+    # route's history; so does one whose answers fail to be judged this many times in a row.
+    eval_timeout_s: float = Field(1800.0, gt=0)
+    max_judge_errors: int = Field(10, ge=1)
 
 
 class RouteSettings(_Strict):
@@ -150,11 +158,35 @@ class LogSettings(_Strict):
     spill_limit: int = Field(100_000, ge=1)
 
 
+class ServerSettings(_Strict):
+    """What uvicorn does not bound about a client's socket (gateway.web.connections)."""
+
+    # A request's head must arrive within this of its first byte (or of the connection
+    # opening), else 408 and close; its body within body_timeout_s of the head, else close.
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(60.0, gt=0)
+    keep_alive_timeout_s: int = Field(5, ge=1)
+    # A request head larger than this: 431 and close (httptools itself has no cap).
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    # Open client connections at most; beyond, the one idle longest is closed (or, when all
+    # are busy, the newcomer gets a 503). Default: half the file-descriptor limit less 64,
+    # since a proxied request holds two (the client's and the upstream's).
+    max_connections: int | None = Field(None, ge=1)
+
+
+class UISettings(_Strict):
+    # auto: the session cookie is Secure when the gateway itself serves https; always: also
+    # behind a TLS-terminating proxy, where the gateway sees http.
+    secure_cookies: Literal["auto", "always"] = "auto"
+    session_ttl_s: float = Field(8 * 3600.0, ge=60)
+
+
 class Settings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     data_dir: Path = Path(".understudy")
-    # Empty: SQLite under data_dir. A postgresql:// URL selects the shared store.
+    # Empty: SQLite at data_dir/understudy.db; `sqlite:///PATH` puts it elsewhere. (PostgreSQL
+    # for several replicas is not built yet: a postgresql:// URL is refused at load time.)
     database_url: str | None = None
     redis_url: str | None = None
     admin_key: str | None = None
@@ -165,11 +197,40 @@ class Settings(_Strict):
     routes: list[RouteSettings] = Field(default_factory=list)
     log: LogSettings = LogSettings()
     auth: AuthSettings = AuthSettings()
+    # Host names clients use for this gateway besides IP addresses and localhost, e.g.
+    # "gateway.internal" or "*.example.com"; any other Host is refused (DNS rebinding).
+    server_names: list[str] = Field(default_factory=list)
+    server: ServerSettings = ServerSettings()
+    ui: UISettings = UISettings()
 
     @field_validator("admin_key", "database_url", "redis_url")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_store(cls, value: str | None) -> str | None:
+        if value is None or value.startswith("sqlite:///"):
+            return value
+        scheme = value.split(":", 1)[0]
+        if scheme in ("postgres", "postgresql"):
+            raise ValueError("the PostgreSQL store is not built yet; leave it empty (SQLite)")
+        raise ValueError(f"unsupported scheme {scheme!r}: leave it empty or use sqlite:///PATH")
+
+    @field_validator("server_names")
+    @classmethod
+    def _host_names(cls, names: list[str]) -> list[str]:
+        cleaned = [name.strip().lower().rstrip(".") for name in names]
+        for name in cleaned:
+            if not re.fullmatch(SERVER_NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is not a host name or *.suffix (no scheme, no port)")
+        return cleaned
+
+    @property
+    def store_url(self) -> str:
+        """The log store's URL: the one configured, else SQLite under the data dir."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'understudy.db'}"
 
     @model_validator(mode="after")
     def _check_references(self) -> Settings:

@@ -18,7 +18,7 @@ def answer_text(answer: dict[str, Any]) -> str:
             calls = [
                 {
                     "name": c.get("function", {}).get("name"),
-                    "arguments": c.get("function", {}).get("arguments"),
+                    "arguments": _arguments(c.get("function", {}).get("arguments")),
                 }
                 for c in message["tool_calls"]
             ]
@@ -36,6 +36,16 @@ def answer_text(answer: dict[str, Any]) -> str:
         if isinstance(part, dict)
     ]
     return "".join(parts)
+
+
+def _arguments(raw: Any) -> Any:
+    """A tool call's arguments parsed, so that equal calls compare equal however spaced."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw
 
 
 def _content_text(content: Any) -> str:

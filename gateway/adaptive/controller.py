@@ -21,9 +21,12 @@ import orjson
 
 from gateway.adaptive import policy
 from gateway.adaptive.answers import answer_text
+from gateway.adaptive.eligibility import AdapterTraits
 from gateway.adaptive.judges import Judge, JudgeError, Verdict, build_judge
 from gateway.adaptive.policy import EvalOutcome, Mode, RouteState
-from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.domain import LOCAL_ENDPOINT
+from gateway.domain.exchange import Exchange
+from gateway.errors import Conflict, GatewayError, InvalidRequest, NotFound
 from gateway.local.client import LocalBackendClient, LocalBackendError, adapter_name
 from gateway.metrics import Metrics
 from gateway.settings import RouteSettings, Settings
@@ -34,11 +37,16 @@ from trainer.spec import TrainSpec
 
 log = logging.getLogger("understudy.adaptive")
 
-CloudCall = Callable[[str, dict[str, Any], str], Awaitable[dict[str, Any]]]
+CloudCall = Callable[[str, dict[str, Any], str, str | None], Awaitable[dict[str, Any]]]
 _TRAIN_CHECK_INTERVAL_S = 1.0
 # Shadow work is sampled evidence, not a queue to drain: beyond this many at once, skip.
 _MAX_SHADOW_TASKS = 4
-_LOCAL_MAX_TOKENS = 512
+_LOCAL_MAX_TOKENS = 1024
+# Fields that only mean something on a streamed request: the real API refuses
+# `stream_options` on a non-streamed one, so a re-ask must drop them all.
+_STREAM_ONLY_FIELDS = ("stream", "stream_options")
+# What a held-out sample replays from the request it was logged with.
+_REPLAYED_FIELDS = ("tools", "tool_choice", "response_format", "parallel_tool_calls")
 
 
 @dataclass
@@ -69,6 +77,14 @@ class AdaptiveController:
         self.routes: dict[str, RouteRuntime] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shadow_slots = asyncio.Semaphore(_MAX_SHADOW_TASKS)
+        self._traits: dict[str, AdapterTraits] = {}
+        # The local model's context in tokens (from its /v1/models), once known.
+        self.local_context: int | None = None
+        # Why no adapter could ever be served (the local backend's start-up LoRA self-test
+        # failed): training is held while this is set, and /readyz shows it.
+        self.blocked: str | None = None
+        # Decides whether the gateway may spend on calls no client request pays for.
+        self.pays_for_own_calls: Callable[[str], bool] = lambda route: True
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -77,9 +93,25 @@ class AdaptiveController:
         for route in self.settings.all_routes():
             if route.adapt:
                 self.routes[route.name] = await self._load(route)
+        await self.check_local_backend()
         for runtime in self.routes.values():
             self._publish_mode(runtime)
             self._resume(runtime)
+
+    async def check_local_backend(self) -> None:
+        """Learn the local model's context and whether it can generate with an adapter at
+        all. A failed self-test (an incompatible transformers/peft pair, say) holds training,
+        loudly: on /readyz, in the log, and in `understudy_local_selftest_ok`."""
+        self.local_context = await self.local.context_length()
+        error = await self.local.self_test_error()
+        self.blocked = (
+            None if error is None else f"the local backend cannot generate with an adapter: {error}"
+        )
+        self.metrics.local_selftest_ok.set(0 if error else 1)
+        if self.blocked is not None:
+            log.error("%s; training is held until it is fixed", self.blocked)
+        for name in self.routes:
+            self.metrics.route_blocked.labels(name, "selftest").set(1 if error else 0)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -95,14 +127,15 @@ class AdaptiveController:
         )
         return RouteRuntime(route, state, judge)
 
-    def _judge_model(self, route: RouteSettings) -> str:
-        return route.upstream_model or (
-            route.match[0] if route.match and "*" not in route.match[0] else "gpt-4o-mini"
-        )
+    def _judge_model(self, route: RouteSettings) -> str | None:
+        """The grader's model; None means the model of each request being judged."""
+        return route.policy.judge_model or route.upstream_model
 
-    def _judge_call(self, route: RouteSettings) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
-        async def call(body: dict[str, Any]) -> dict[str, Any]:
-            return await self.cloud(route.name, body, "judge")
+    def _judge_call(
+        self, route: RouteSettings
+    ) -> Callable[[dict[str, Any], str | None], Awaitable[dict[str, Any]]]:
+        async def call(body: dict[str, Any], authorization: str | None) -> dict[str, Any]:
+            return await self.cloud(route.name, body, "judge", authorization)
 
         return call
 
@@ -117,6 +150,12 @@ class AdaptiveController:
                     lambda s: policy.training_failed(s, runtime.settings.policy, "lost job", time.time()),
                 )
             )
+        elif state.mode == "eval" and state.candidate_version is not None:
+            self._spawn(self._eval_deadline(runtime, state.candidate_version))
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run `coroutine` as one of the controller's background tasks (cancelled at stop)."""
+        self._spawn(coroutine)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coroutine)
@@ -138,7 +177,7 @@ class AdaptiveController:
         return adapter_name(route, runtime.state.active_version)
 
     def failover_adapter(self, route: str) -> str | None:
-        """An adapter that passed eval and may answer while the cloud is failing."""
+        """The route's last promoted adapter, which may answer while the cloud is failing."""
         runtime = self.routes.get(route)
         if runtime is None or runtime.state.active_version is None:
             return None
@@ -148,39 +187,47 @@ class AdaptiveController:
         version = int(name.rsplit("-v", 1)[1])
         await self.local.ensure_adapter(name, self.adapters.path(route, version))
 
-    def observe(
-        self,
-        route: str,
-        backend: str,
-        endpoint: str,
-        ok: bool,
-        request: dict[str, Any] | None,
-        answer: dict[str, Any] | None,
-    ) -> None:
-        """A request finished; schedule whatever learning it feeds. Never blocks."""
-        runtime = self.routes.get(route)
-        if (
-            runtime is None
-            or not ok
-            or request is None
-            or answer is None
-            or endpoint != "/v1/chat/completions"
-        ):
+    def traits(self, name: str) -> AdapterTraits:
+        """What adapter `name` (ROUTE-vN) was trained on, read once from its meta.json."""
+        traits = self._traits.get(name)
+        if traits is None:
+            route, version = name.rsplit("-v", 1)
+            try:
+                meta = self.adapters.get(route, int(version)).meta
+            except (KeyError, LookupError, OSError, ValueError):
+                meta = {}
+            traits = AdapterTraits(trained_with_tools=bool(meta.get("trained_with_tools")))
+            self._traits[name] = traits
+        return traits
+
+    def observe(self, ex: Exchange, ok: bool) -> None:
+        """A user request finished; schedule whatever learning it feeds. Never blocks. The
+        client's credentials go with the work they pay for, and die with it."""
+        runtime = self.routes.get(ex.route)
+        request, answer = ex.request_body, ex.answer
+        if runtime is None or not ok or request is None or answer is None or ex.endpoint != LOCAL_ENDPOINT:
             return
         state = runtime.state
-        if backend == "cloud" and state.mode == "eval" and state.candidate_version is not None:
-            self._spawn_shadow(self._shadow_eval(runtime, request, answer))
-        elif backend == "cloud" and state.mode == "cloud" and not runtime.train_check_pending:
+        if ex.backend == "cloud" and state.mode == "eval" and state.candidate_version is not None:
+            if ex.local_skip is None:  # what the local model would not be asked, it is not judged on
+                self._spawn_shadow(runtime, self._shadow_eval(runtime, request, answer, ex.authorization))
+        elif ex.backend == "cloud" and state.mode == "cloud" and not runtime.train_check_pending:
             runtime.train_check_pending = True
             self._spawn(self._train_check_soon(runtime))
-        elif backend == "local" and random.random() < runtime.settings.policy.eval_rate:
-            self._spawn_shadow(self._spot_check(runtime, request, answer))
+        elif ex.backend == "local" and random.random() < runtime.settings.policy.eval_rate:
+            self._spawn_shadow(runtime, self._spot_check(runtime, request, answer, ex.authorization))
 
-    def _spawn_shadow(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+    def _spawn_shadow(self, runtime: RouteRuntime, coroutine: Coroutine[Any, Any, Any]) -> None:
         if self._shadow_slots.locked():
             coroutine.close()
+            self._skipped(runtime, "all shadow slots busy")
             return
         self._spawn(self._with_slot(coroutine))
+
+    def _skipped(self, runtime: RouteRuntime, cause: str, exc: BaseException | None = None) -> None:
+        """Evidence not gathered: counted, and its cause logged (with the traceback, at debug)."""
+        self.metrics.evals.labels(runtime.name, "skipped").inc()
+        log.debug("route %s: evaluation skipped: %s", runtime.name, cause, exc_info=exc)
 
     async def _with_slot(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         async with self._shadow_slots:
@@ -203,6 +250,8 @@ class AdaptiveController:
             count, newest = await asyncio.to_thread(
                 self.store.count_usable_pairs, runtime.name, state.trained_through_id
             )
+            if self.blocked is not None and not force:
+                return None
             if not force and not policy.ready_to_train(state, runtime.settings.policy, count, time.time()):
                 return None
             spec = TrainSpec(base_model=runtime.settings.local_model, **runtime.settings.training)
@@ -230,51 +279,65 @@ class AdaptiveController:
                 runtime, lambda s: policy.training_failed(s, runtime.settings.policy, reason, time.time())
             )
             return
-        window = runtime.settings.policy.window
+        window = max(runtime.settings.policy.window, runtime.settings.policy.promote_after)
         await self._change(runtime, lambda s: policy.training_completed(s, version, window, time.time()))
+        self._spawn(self._eval_deadline(runtime, version))
         self._spawn(self._heldout_eval(runtime, version))
+
+    async def _eval_deadline(self, runtime: RouteRuntime, version: int) -> None:
+        settings = runtime.settings.policy
+        await asyncio.sleep(max(0.0, runtime.state.eval_started_at + settings.eval_timeout_s - time.time()))
+        await self._change(runtime, lambda s: policy.eval_expired(s, settings, version, time.time()))
 
     # --- evaluation ----------------------------------------------------------------------
 
     async def _heldout_eval(self, runtime: RouteRuntime, version: int) -> None:
-        path = self.adapters.get(runtime.name, version).heldout_path
-        samples = await asyncio.to_thread(_read_heldout, path)
-        for messages in samples:
+        """Judge `version` on the route's held-out split, replaying each sample's tools and
+        response format. No client request pays for these calls: without an upstream key of
+        its own the gateway skips them (and counts them)."""
+        samples = await asyncio.to_thread(
+            _read_heldout, self.adapters.get(runtime.name, version).heldout_path
+        )
+        if runtime.judge.name == "upstream" and not self.pays_for_own_calls(runtime.name):
+            for _ in samples:
+                self._skipped(runtime, "held-out eval needs the upstream's own key")
+            return
+        for request, cloud in samples:
             state = runtime.state
-            if state.mode != "eval" or state.candidate_version != version:
+            if version not in (state.candidate_version, state.active_version):
                 return
-            request = {"messages": messages[:-1]}
-            cloud = {"choices": [{"index": 0, "message": messages[-1], "finish_reason": "stop"}]}
-            await self._evaluate(runtime, "heldout", version, request, cloud, None)
+            await self._evaluate(runtime, "heldout", version, request, cloud, None, None)
 
     async def _shadow_eval(
-        self, runtime: RouteRuntime, request: dict[str, Any], cloud: dict[str, Any]
+        self, runtime: RouteRuntime, request: dict[str, Any], cloud: dict[str, Any], auth: str | None
     ) -> None:
         version = runtime.state.candidate_version
         if version is not None:
-            await self._evaluate(runtime, "eval", version, request, cloud, None)
+            await self._evaluate(runtime, "eval", version, request, cloud, None, auth)
 
     async def _spot_check(
-        self, runtime: RouteRuntime, request: dict[str, Any], local: dict[str, Any]
+        self, runtime: RouteRuntime, request: dict[str, Any], local: dict[str, Any], auth: str | None
     ) -> None:
         version = runtime.state.active_version
         if version is None:
             return
+        asked = {k: v for k, v in request.items() if k not in _STREAM_ONLY_FIELDS}
         try:
-            cloud = await self.cloud(runtime.name, {**request, "stream": False}, "shadow")
-        except Exception as exc:  # a spot check is best effort: the cloud may be down
-            log.warning("spot check for %s skipped: %s", runtime.name, exc)
+            cloud = await self.cloud(runtime.name, asked, "shadow", auth)
+        except GatewayError as exc:  # best effort: the cloud may be down or refuse
+            self._skipped(runtime, f"the cloud's reference answer failed: {exc.message}", exc)
             return
-        await self._evaluate(runtime, "spot", version, request, cloud, local)
+        await self._evaluate(runtime, "spot", version, request, cloud, local, auth)
 
     async def _local_answer(
         self, runtime: RouteRuntime, version: int, request: dict[str, Any], cloud: dict[str, Any]
     ) -> dict[str, Any]:
         name = adapter_name(runtime.name, version)
         await self.local.ensure_adapter(name, self.adapters.path(runtime.name, version))
-        body = {k: v for k, v in request.items() if k not in ("stream", "stream_options", "n")}
+        body = {k: v for k, v in request.items() if k not in (*_STREAM_ONLY_FIELDS, "n")}
         body["model"] = name
         body["max_tokens"] = eval_max_tokens(request, cloud)
+        body.pop("max_completion_tokens", None)
         return await self.local.chat(body)
 
     async def _evaluate(
@@ -285,6 +348,7 @@ class AdaptiveController:
         request: dict[str, Any],
         cloud: dict[str, Any],
         local: dict[str, Any] | None,
+        auth: str | None,
     ) -> None:
         started = time.perf_counter()
         verdict: Verdict | None = None
@@ -292,8 +356,8 @@ class AdaptiveController:
         try:
             if local is None:
                 local = await self._local_answer(runtime, version, request, cloud)
-            verdict = await runtime.judge.judge(request, cloud, local)
-        except (JudgeError, LocalBackendError) as exc:
+            verdict = await runtime.judge.judge(request, cloud, local, auth)
+        except (JudgeError, LocalBackendError, GatewayError) as exc:
             error = str(exc)
         latency = (time.perf_counter() - started) * 1000
         await asyncio.to_thread(
@@ -302,6 +366,10 @@ class AdaptiveController:
         )
         if verdict is None:
             self.metrics.evals.labels(runtime.name, "judge_error").inc()
+            reason = error or "no verdict"
+            await self._change(
+                runtime, lambda s: policy.record_judge_error(s, runtime.settings.policy, reason, time.time())
+            )
             return
         self.metrics.evals.labels(runtime.name, "pass" if verdict.passed else "fail").inc()
         outcome = EvalOutcome(verdict.passed, verdict.score)
@@ -325,9 +393,7 @@ class AdaptiveController:
 
         def pin(state: RouteState) -> None:
             state.pinned = None if mode == "auto" else mode  # type: ignore[assignment]
-            state.history.append(
-                {"ts": time.time(), "from": state.mode, "to": state.mode, "reason": f"pinned: {mode}"}
-            )
+            policy.note(state, f"pinned: {mode}")
 
         await self._change(runtime, pin)
 
@@ -340,7 +406,8 @@ class AdaptiveController:
         return job_id
 
     async def eval_now(self, route: str) -> int:
-        """Re-run the held-out evaluation of the candidate (or serving) adapter."""
+        """Re-run the held-out evaluation of the candidate (or serving) adapter; its verdicts
+        are recorded with phase `heldout` (and move the route only while it is in eval)."""
         runtime = self.runtime(route)
         version = runtime.state.candidate_version or runtime.state.active_version
         if version is None:
@@ -355,19 +422,13 @@ class AdaptiveController:
 
         def activate(state: RouteState) -> None:
             state.active_version = version
-            state.history.append(
-                {
-                    "ts": time.time(),
-                    "from": state.mode,
-                    "to": state.mode,
-                    "reason": f"adapter set to v{version}",
-                }
-            )
+            policy.note(state, f"adapter set to v{version}")
 
         await self._change(runtime, activate)
 
     def describe(self, route: str) -> dict[str, Any]:
-        state = self.runtime(route).state
+        runtime = self.runtime(route)
+        state, runtime_policy = runtime.state, runtime.settings.policy
         return {
             "mode": state.mode,
             "serving": state.serving_mode,
@@ -379,7 +440,36 @@ class AdaptiveController:
             "window": len(state.window),
             "job_id": state.job_id,
             "job": self.jobs.status(state.job_id) if state.job_id else None,
+            "blocked": self.blocked,
+            "eval_deadline": (
+                state.eval_started_at + runtime_policy.eval_timeout_s if state.mode == "eval" else None
+            ),
             "history": state.history[-50:],
+        }
+
+    def problems(self) -> list[str]:
+        """Everything that keeps a route from learning, in words (for /readyz)."""
+        found = [] if self.blocked is None else [self.blocked]
+        now = time.time()
+        for name, runtime in self.routes.items():
+            state = runtime.state
+            if state.failed_trainings and state.mode == "cloud":
+                wait = max(0.0, state.backoff_until - now)
+                last = state.history[-1]["reason"] if state.history else "training failed"
+                found.append(
+                    f"route {name}: {last} (failed {state.failed_trainings}x; next try in {wait:.0f} s)"
+                )
+        return found
+
+    def summaries(self) -> dict[str, dict[str, Any]]:
+        """Each adaptive route's mode and its latest change, for /readyz."""
+        return {
+            name: {
+                "mode": runtime.state.mode,
+                "serving": runtime.state.serving_mode,
+                "last_change": runtime.state.history[-1] if runtime.state.history else None,
+            }
+            for name, runtime in self.routes.items()
         }
 
     # --- persistence ---------------------------------------------------------------------
@@ -410,25 +500,49 @@ class AdaptiveController:
         score = runtime.state.rolling_score
         if score is not None:
             self.metrics.eval_score.labels(runtime.name).set(score)
+        failing = runtime.state.failed_trainings > 0 and current == "cloud"
+        self.metrics.route_blocked.labels(runtime.name, "training_failed").set(1 if failing else 0)
 
 
 def eval_max_tokens(request: dict[str, Any], cloud: dict[str, Any]) -> int:
-    """The local answer's token budget: the request's own, else (held-out samples carry none)
-    room for an answer about twice as long as the cloud's; never beyond _LOCAL_MAX_TOKENS."""
-    asked = request.get("max_tokens") or request.get("max_completion_tokens")
+    """The local answer's token budget: the request's own, else room for an answer half again
+    as long as the cloud's, counted in tokens (its usage, else a conservative estimate from
+    the text, tool calls included), never in characters: JSON tokenizes denser than prose,
+    and a near miss cut mid-object would be judged a total miss."""
+    asked = request.get("max_completion_tokens") or request.get("max_tokens")
     if isinstance(asked, int) and asked > 0:
         return min(asked, _LOCAL_MAX_TOKENS)
-    return min(_LOCAL_MAX_TOKENS, max(32, len(answer_text(cloud)) // 2))
+    usage = cloud.get("usage")
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    if not isinstance(tokens, int) or tokens <= 0:
+        tokens = len(answer_text(cloud)) // 2  # ~2 characters a token even for dense JSON
+    return min(_LOCAL_MAX_TOKENS, max(32, int(tokens * 1.5) + 16))
 
 
-def _read_heldout(path: Path) -> list[list[dict[str, Any]]]:
+def _read_heldout(path: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Held-out samples as (request, the cloud's answer): the chat up to its last turn, with
+    the fields the original request carried, and that last turn as the reference answer."""
     if not path.is_file():
         return []
     samples = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        messages = orjson.loads(line).get("messages") if line.strip() else None
-        if messages and messages[-1].get("role") == "assistant":
-            samples.append(messages)
+        sample = orjson.loads(line) if line.strip() else None
+        if not isinstance(sample, dict):
+            continue
+        messages = sample.get("messages")
+        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+            continue
+        # `weight` marks turns the trainer did not learn from; it is not an OpenAI field.
+        prompt = [{k: v for k, v in m.items() if k != "weight"} for m in messages[:-1]]
+        request = {"messages": prompt, **{k: sample[k] for k in _REPLAYED_FIELDS if k in sample}}
+        if isinstance(sample.get("model"), str):
+            request["model"] = sample["model"]
+        answer = messages[-1]
+        finish = "tool_calls" if answer.get("tool_calls") else "stop"
+        cloud: dict[str, Any] = {"choices": [{"index": 0, "message": answer, "finish_reason": finish}]}
+        if isinstance(sample.get("completion_tokens"), int):
+            cloud["usage"] = {"completion_tokens": sample["completion_tokens"]}
+        samples.append((request, cloud))
     return samples
 
 

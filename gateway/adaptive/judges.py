@@ -40,8 +40,11 @@ class Judge(Protocol):
     name: str
 
     async def judge(
-        self, request: dict[str, Any], cloud: dict[str, Any], local: dict[str, Any]
-    ) -> Verdict: ...
+        self, request: dict[str, Any], cloud: dict[str, Any], local: dict[str, Any], auth: str | None = None
+    ) -> Verdict:
+        """Grade `local` against `cloud`. `auth` is the judged request's client credentials,
+        for a grader that calls the cloud without an upstream key of the gateway's own."""
+        ...
 
 
 def _verdict(name: str, scores: dict[str, float], threshold: float, reason: str = "") -> Verdict:
@@ -54,7 +57,9 @@ class ExactJudge:
     def __init__(self, threshold: float):
         self.threshold = threshold
 
-    async def judge(self, request: dict[str, Any], cloud: dict[str, Any], local: dict[str, Any]) -> Verdict:
+    async def judge(
+        self, request: dict[str, Any], cloud: dict[str, Any], local: dict[str, Any], auth: str | None = None
+    ) -> Verdict:
         same = " ".join(answer_text(cloud).split()) == " ".join(answer_text(local).split())
         return _verdict(self.name, {"match": 100.0 if same else 0.0}, self.threshold)
 
@@ -77,7 +82,9 @@ class JsonEqualJudge:
     def __init__(self, threshold: float):
         self.threshold = threshold
 
-    async def judge(self, request: dict[str, Any], cloud: dict[str, Any], local: dict[str, Any]) -> Verdict:
+    async def judge(
+        self, request: dict[str, Any], cloud: dict[str, Any], local: dict[str, Any], auth: str | None = None
+    ) -> Verdict:
         try:
             expected = parse_json_answer(answer_text(cloud))
         except orjson.JSONDecodeError:
@@ -99,7 +106,9 @@ class EmbeddingJudge:
         self._model: Any = None
         self._lock = asyncio.Lock()
 
-    async def judge(self, request: dict[str, Any], cloud: dict[str, Any], local: dict[str, Any]) -> Verdict:
+    async def judge(
+        self, request: dict[str, Any], cloud: dict[str, Any], local: dict[str, Any], auth: str | None = None
+    ) -> Verdict:
         async with self._lock:  # one encoder, used from one thread at a time
             similarity = await asyncio.to_thread(self._similarity, answer_text(cloud), answer_text(local))
         return _verdict(self.name, {"similarity": max(0.0, similarity) * 100}, self.threshold)
@@ -163,7 +172,8 @@ _JUDGE_SCHEMA = {
     "additionalProperties": False,
 }
 
-CallUpstream = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+# (grading request, client credentials or None) → the grader's answer
+CallUpstream = Callable[[dict[str, Any], str | None], Awaitable[dict[str, Any]]]
 
 
 class _Unparsable(Exception):
@@ -186,7 +196,7 @@ class UpstreamJudge:
 
     name = "upstream"
 
-    def __init__(self, threshold: float, model: str, call: CallUpstream, attempts: int = 3):
+    def __init__(self, threshold: float, model: str | None, call: CallUpstream, attempts: int = 3):
         self.threshold = threshold
         self.model = model
         self.call = call
@@ -198,8 +208,9 @@ class UpstreamJudge:
         content = _JUDGE_TEMPLATE.format(
             prompt=prompt_text(request), reference=answer_text(cloud), candidate=answer_text(local)
         )
+        # No configured grader: the model the client asked for grades its own answers' copies.
         return {
-            "model": self.model,
+            "model": self.model or request.get("model"),
             "messages": [{"role": "system", "content": _JUDGE_SYSTEM}, {"role": "user", "content": content}],
             "temperature": 0,
             "response_format": {
@@ -208,7 +219,9 @@ class UpstreamJudge:
             },
         }
 
-    async def judge(self, request: dict[str, Any], cloud: dict[str, Any], local: dict[str, Any]) -> Verdict:
+    async def judge(
+        self, request: dict[str, Any], cloud: dict[str, Any], local: dict[str, Any], auth: str | None = None
+    ) -> Verdict:
         body = self.grading_request(request, cloud, local)
         with contextlib.suppress(_Unparsable):
             async for attempt in AsyncRetrying(
@@ -218,12 +231,12 @@ class UpstreamJudge:
                 reraise=True,
             ):
                 with attempt:
-                    scores, reason = parse_grade(await self.call(body))
+                    scores, reason = parse_grade(await self.call(body, auth))
                     return _verdict(self.name, scores, self.threshold, reason)
         raise JudgeError(f"the grader's reply did not parse after {self.attempts} attempts")
 
 
-def build_judge(kind: str, threshold: float, model: str, call: CallUpstream) -> Judge:
+def build_judge(kind: str, threshold: float, model: str | None, call: CallUpstream) -> Judge:
     if kind == "exact":
         return ExactJudge(threshold)
     if kind == "json_equal":

@@ -2,12 +2,16 @@
 
     cloud ──(min_samples new pairs, cooldown over)──▶ training
     training ──(adapter written)──▶ eval          training ──(job error)──▶ cloud (+back-off)
-    eval ──(promote_after passes in a row AND Wilson lower bound ≥ min_pass_rate)──▶ local
-    eval ──(one fail)──▶ cloud (collect more, retrain)
+    eval ──(≥ promote_after verdicts AND 95% Wilson lower bound ≥ min_pass_rate)──▶ local
+    eval ──(95% Wilson upper bound < min_pass_rate)──▶ cloud (collect more, retrain)
+    eval ──(eval_timeout_s passed, or max_judge_errors errors in a row)──▶ cloud
     local ──(rolling score < threshold, or demote_after fails in the window)──▶ cloud
 
-Judge errors (a grader that could not answer) never move a route. Nothing here does I/O:
-the controller feeds results in and persists what comes out.
+Promotion is a sequential test over the eval window: a good adapter is not thrown away for
+one unlucky verdict, and a mediocre one cannot pass on a lucky streak. A judge error (the
+grader or the local backend could not produce a verdict) is not a verdict, but eval cannot
+wait on them forever: the deadline and the error cap end it, with the reason in the history.
+Nothing here does I/O: the controller feeds results in and persists what comes out.
 """
 
 from __future__ import annotations
@@ -27,16 +31,26 @@ _HISTORY_LIMIT = 200
 _MAX_BACKOFF_S = 6 * 3600.0
 
 
-def wilson_lower_bound(passes: int, total: int, z: float = 1.96) -> float:
-    """Lower end of the Wilson score interval (95% by default) for a pass rate: how good the
-    rate is at least, given how few results back it. 0 when there are none."""
+# Fewer verdicts than this never reject a candidate: with one verdict, the 95% upper bound
+# of a single fail (0.79) is already below a 0.8 bar, which would discard a good adapter
+# one time in twenty.
+MIN_VERDICTS_TO_REJECT = 5
+
+
+def wilson_interval(passes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) for a pass rate: how good the rate is at
+    least and at most, given how few results back it. (0, 1) when there are none."""
     if total == 0:
-        return 0.0
+        return 0.0, 1.0
     p = passes / total
     denominator = 1 + z * z / total
     centre = p + z * z / (2 * total)
     margin = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
-    return (centre - margin) / denominator
+    return (centre - margin) / denominator, (centre + margin) / denominator
+
+
+def wilson_lower_bound(passes: int, total: int, z: float = 1.96) -> float:
+    return wilson_interval(passes, total, z)[0]
 
 
 @dataclass
@@ -60,6 +74,10 @@ class RouteState:
     backoff_until: float = 0.0
     job_id: str | None = None
     streak: int = 0
+    # When the current eval began (its deadline counts from here) and the judge errors since
+    # the last verdict.
+    eval_started_at: float = 0.0
+    judge_errors: int = 0
     window: deque[tuple[bool, float]] = field(default_factory=deque)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -98,14 +116,21 @@ class RouteState:
         return sum(1 for passed, _ in self.window if passed) / len(self.window)
 
 
+def note(state: RouteState, reason: str, to: Mode | None = None, now: float | None = None) -> None:
+    """Append an entry to the route's history (capped, newest last)."""
+    entry = {"ts": now or time.time(), "from": state.mode, "to": to or state.mode, "reason": reason}
+    state.history.append(entry)
+    del state.history[:-_HISTORY_LIMIT]
+
+
 def transition(state: RouteState, to: Mode, reason: str, now: float | None = None) -> None:
-    """Move `state` to mode `to`, recording why (the history is capped, newest last)."""
+    """Move `state` to mode `to`, recording why."""
     if state.mode == to:
         return
-    state.history.append({"ts": now or time.time(), "from": state.mode, "to": to, "reason": reason})
-    del state.history[:-_HISTORY_LIMIT]
+    note(state, reason, to, now)
     state.mode = to
     state.streak = 0
+    state.judge_errors = 0
 
 
 def ready_to_train(state: RouteState, policy: PolicySettings, new_pairs: int, now: float) -> bool:
@@ -139,31 +164,58 @@ def training_completed(state: RouteState, version: int, window_size: int, now: f
     state.failed_trainings = 0
     state.candidate_version = version
     state.window = deque(maxlen=window_size)
+    state.eval_started_at = now
     transition(state, "eval", f"adapter v{version} trained; evaluating", now)
 
 
 def record_eval(state: RouteState, policy: PolicySettings, outcome: EvalOutcome, now: float) -> None:
-    """Apply one judged shadow answer of the candidate (mode eval)."""
+    """Apply one judged answer of the candidate (mode eval): promote once enough verdicts
+    show it good at the 95% level, reject once they show it cannot be."""
     if state.mode != "eval":
         return
+    state.judge_errors = 0
     state.window.append((outcome.passed, outcome.score))
-    if not outcome.passed:
-        state.candidate_version = None
-        transition(state, "cloud", f"eval failed (score {outcome.score:.0f}); collecting more data", now)
-        return
-    state.streak += 1
+    state.streak = state.streak + 1 if outcome.passed else 0
+    total = len(state.window)
     passes = sum(1 for passed, _ in state.window if passed)
-    bound = wilson_lower_bound(passes, len(state.window))
-    if state.streak >= policy.promote_after and bound >= policy.min_pass_rate:
+    lower, upper = wilson_interval(passes, total)
+    bar = policy.min_pass_rate
+    if total >= policy.promote_after and lower >= bar:
         state.active_version = state.candidate_version
         state.candidate_version = None
-        streak = state.streak
-        transition(
-            state,
-            "local",
-            f"{streak} passes in a row, pass-rate lower bound {bound:.2f} ≥ {policy.min_pass_rate:.2f}",
-            now,
+        reason = f"eval passed: {passes}/{total}, pass-rate lower bound {lower:.2f} ≥ {bar:.2f}"
+        transition(state, "local", reason, now)
+    elif total >= MIN_VERDICTS_TO_REJECT and upper < bar:
+        state.candidate_version = None
+        reason = f"eval failed: {passes}/{total} passed, upper bound upper bound {upper:.2f} < {bar:.2f}; collecting more data"
+        transition(state, "cloud", reason, now)
+
+
+def record_judge_error(state: RouteState, policy: PolicySettings, error: str, now: float) -> None:
+    """A candidate's answer could not be judged. Too many in a row end the eval: a local
+    backend that cannot generate, or a grader that never parses, must not stall the route."""
+    if state.mode != "eval":
+        return
+    state.judge_errors += 1
+    if state.judge_errors >= policy.max_judge_errors:
+        state.candidate_version = None
+        reason = (
+            f"eval stalled: {state.judge_errors} answers in a row could not be judged (last: {error[:200]})"
         )
+        transition(state, "cloud", reason, now)
+
+
+def eval_expired(state: RouteState, policy: PolicySettings, version: int, now: float) -> None:
+    """The eval of `version` ran past its deadline without a decision: back to the cloud."""
+    if state.mode != "eval" or state.candidate_version != version:
+        return
+    if now < state.eval_started_at + policy.eval_timeout_s:
+        return
+    total = len(state.window)
+    passes = sum(1 for passed, _ in state.window if passed)
+    state.candidate_version = None
+    reason = f"eval timed out after {policy.eval_timeout_s:.0f} s undecided ({passes}/{total} passed)"
+    transition(state, "cloud", reason, now)
 
 
 def record_spot_check(state: RouteState, policy: PolicySettings, outcome: EvalOutcome, now: float) -> None:

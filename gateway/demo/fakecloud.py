@@ -83,6 +83,23 @@ def _scripted_error(model: str) -> web.Response:
     return _error(int(parts[1]), f"scripted failure for {model}", *parts[2:3])
 
 
+def _refused_like_openai(body: dict[str, Any]) -> web.Response | None:
+    """The 400s the real API gives for requests it will not take, so a gateway bug that
+    sends one shows in tests as it would in production."""
+    if body.get("stream_options") is not None and not body.get("stream"):
+        return _invalid(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options"
+        )
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        return _invalid("'messages' must be a non-empty array.", "messages")
+    return None
+
+
+def _invalid(message: str, param: str) -> web.Response:
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+    return web.json_response({"error": error}, status=400)
+
+
 async def _trickle_forever(request: web.Request) -> web.StreamResponse:
     """A 200 JSON answer whose body starts and never ends."""
     response = web.StreamResponse(headers={"content-type": "application/json"})
@@ -179,6 +196,9 @@ class FakeCloud:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         _, body = await self._seen(request)
         model = str(body.get("model", ""))
+        refused = _refused_like_openai(body)
+        if refused is not None:
+            return refused
         failure = await self._misbehave(request, model)
         if failure is not None:
             return failure

@@ -80,6 +80,14 @@ class Exchange:
     client: str | None = None
     # user: client traffic; judge / shadow: the gateway's own calls.
     kind: str = "user"
+    # Why the local model did not answer a request on a locally served route (an eligibility
+    # reason, or `fallback:<why>` when it failed before its first byte).
+    local_skip: str | None = None
+    # The client's credentials, for the gateway's own calls about this request (a spot check,
+    # its judge): held in memory for the life of that work only, never logged or stored.
+    authorization: str | None = None
+    # The response's status line went out: an error now can only end its body.
+    response_started: bool = False
     # OpenAI's x-ratelimit-* headers, set when a configured limit applied to this request.
     limit_headers: list[tuple[bytes, bytes]] | None = None
     # Settles the rate-limit charge on the real usage (set by the limits guard).
@@ -122,4 +130,5 @@ class Exchange:
             error=self.error,
             client=self.client,
             kind=self.kind,
+            local_skip=self.local_skip,
         )

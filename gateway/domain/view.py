@@ -42,7 +42,7 @@ class RequestView:
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         return cls(body=body, model=model, stream=bool(stream), include_usage=include_usage)
 
-    def with_model(self, raw: bytes, model: str) -> bytes:
+    def with_model(self, model: str) -> bytes:
         """The body with `model` replaced (only when a route rewrites it)."""
         assert self.body is not None
         try:

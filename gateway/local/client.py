@@ -92,3 +92,30 @@ class LocalBackendClient:
         if not isinstance(answer, dict):
             raise LocalBackendError("local answer is not a JSON object")
         return answer
+
+    async def _get_json(self, url: str) -> Any:
+        assert self._session is not None
+        try:
+            async with self._session.get(url) as response:
+                return await response.json(content_type=None) if response.status == 200 else None
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            return None
+
+    async def context_length(self) -> int | None:
+        """The base model's context in tokens (`max_model_len`, as vLLM reports it), if known."""
+        models = await self._get_json(self.base_url + "/models")
+        data = models.get("data") if isinstance(models, dict) else None
+        for card in data if isinstance(data, list) else []:
+            length = card.get("max_model_len") if isinstance(card, dict) else None
+            if isinstance(length, int) and length > 0:
+                return length
+        return None
+
+    async def self_test_error(self) -> str | None:
+        """The backend's start-up LoRA self-test error, or None when it passed or the server
+        does not report one (an external vLLM)."""
+        health = await self._get_json(self.root_url + "/health")
+        result = health.get("lora_selftest") if isinstance(health, dict) else None
+        if isinstance(result, dict) and result.get("ok") is False:
+            return str(result.get("error") or "the LoRA self-test failed")
+        return None

@@ -25,10 +25,17 @@ _MAX_BACKOFF_S = 60.0
 
 
 class BackendSupervisor:
-    def __init__(self, settings: Settings, on_spawn: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        on_spawn: Callable[[], None] | None = None,
+        on_healthy: Callable[[], None] | None = None,
+    ):
         self.settings = settings
-        # Called each time a fresh backend process starts (it has no adapters loaded yet).
+        # Called each time a fresh backend process starts (it has no adapters loaded yet),
+        # and each time one first answers its health check.
         self.on_spawn = on_spawn or (lambda: None)
+        self.on_healthy = on_healthy or (lambda: None)
         self.process: asyncio.subprocess.Process | None = None
         self.healthy = asyncio.Event()
         self.restarts = 0
@@ -107,6 +114,7 @@ class BackendSupervisor:
                         if response.status == 200:
                             self.healthy.set()
                             log.info("local backend healthy at %s", self.settings.local_base_url)
+                            self.on_healthy()
                             return
                 await asyncio.sleep(0.5)
         log.error("local backend not healthy after %.0f s", self.settings.local.startup_timeout_s)

@@ -13,27 +13,21 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.domain import LOCAL_ENDPOINT
 from gateway.domain.exchange import Exchange, loggable_body
 from gateway.domain.view import RequestView
 from gateway.errors import (
     BadUpstreamResponse,
-    CircuitOpen,
     GatewayError,
     InvalidRequest,
     PayloadTooLarge,
-    UpstreamTimeout,
-    UpstreamUnreachable,
 )
 from gateway.limits.headers import merge_rate_limit_headers
-from gateway.local.client import LocalBackendError
 from gateway.origin import refuse_cross_origin
 from gateway.proxy.assemble import StreamAssembler
-from gateway.upstream.base import Upstream, UpstreamRequest, UpstreamResponse
+from gateway.upstream.base import UpstreamRequest, UpstreamResponse
 from gateway.upstream.headers import forward_headers
 
 if TYPE_CHECKING:
-    from gateway.adaptive.controller import AdaptiveController
     from gateway.services import Services
 
 log = logging.getLogger("understudy.proxy")
@@ -42,8 +36,6 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 
 ROUTE_HEADER = b"x-understudy-route"
-_LOCAL_HEADERS = ((b"content-type", b"application/json"),)
-FAILOVER_ERRORS = (UpstreamUnreachable, UpstreamTimeout, CircuitOpen)
 _DONE = b"data: [DONE]"
 # OpenAI's endpoints, whose answers are JSON (or SSE events of JSON) whatever the upstream
 # labels them: an HTML page or a broken event there is a fault, not an answer to pass on.
@@ -109,6 +101,9 @@ class ProxyHandler:
             await self._handle(ex, scope, receive, send)
         except GatewayError as exc:
             await self._fail(ex, send, exc)
+        except Exception:  # a bug: still an OpenAI-shaped answer, and still a record
+            log.exception("%s %s %s: unexpected error", ex.request_id, ex.method, ex.endpoint)
+            await self._fail(ex, send, GatewayError("the gateway failed unexpectedly; see its log"))
         finally:
             metrics.inflight.labels(ex.backend).dec()
             self.services.observe(ex)
@@ -132,13 +127,14 @@ class ProxyHandler:
         if route.upstream_model and view.body is not None:
             # Upstreams that read the parsed body (litellm) must see the rewritten model too.
             sent = view.for_model(route.upstream_model)
-            body = view.with_model(raw, route.upstream_model)
+            body = view.with_model(route.upstream_model)
             ex.upstream_model = route.upstream_model
         upstream = self.services.upstreams[route.upstream]
         drop_client_key = guard is not None and guard.requires_keys
-        if self.services.controller is not None and upstream.api_key is None and not drop_client_key:
-            # A gateway client key never goes upstream: not with its request, nor in judge calls.
-            self.services.remember_client_auth(route.upstream, _header(headers, b"authorization"))
+        if upstream.api_key is None and not drop_client_key:
+            # The gateway's own calls about this request (spot check, judge) pay with the same
+            # key. A gateway client key never goes upstream, with its request or in those calls.
+            ex.authorization = _header(headers, b"authorization")
         request = UpstreamRequest(
             method=ex.method,
             path=upstream_path(scope),
@@ -147,104 +143,21 @@ class ProxyHandler:
             body=body,
             view=sent,
         )
+        dispatcher = self.services.dispatcher
+        plan = dispatcher.plan(route.name, ex.endpoint, view)
         if guard is None:
-            await self._forward(ex, upstream, request, receive, send)
+            await self._relay(ex, await dispatcher.send(ex, plan, upstream, request), receive, send)
             return
         # A route the local model serves waits in the local backend's pool, not the cloud's.
-        controller = self._local_controller(ex, view)
-        local = controller is not None and controller.serving(route.name) is not None
-        async with guard.admit(ex, key, route, view, route.upstream, "local" if local else "cloud"):
-            await self._forward(ex, upstream, request, receive, send)
+        async with guard.admit(ex, key, route, view, route.upstream, plan.pool):
+            await self._relay(ex, await dispatcher.send(ex, plan, upstream, request), receive, send)
 
-    def _local_controller(self, ex: Exchange, view: RequestView) -> AdaptiveController | None:
-        """The adaptive controller when the local model may answer this request (a chat
-        completion with a JSON body and the cycle on); else None."""
-        controller = self.services.controller
-        if controller is None or ex.endpoint != LOCAL_ENDPOINT or view.body is None:
-            return None
-        return controller
-
-    async def _forward(
-        self, ex: Exchange, upstream: Upstream, request: UpstreamRequest, receive: Any, send: Any
-    ) -> None:
-        response = await self._choose_and_send(ex, upstream, request)
+    async def _relay(self, ex: Exchange, response: UpstreamResponse, receive: Any, send: Any) -> None:
         ex.status = response.status
         if response.is_event_stream:
             await self._relay_stream(ex, response, receive, send)
         else:
             await self._relay_whole(ex, response, send)
-
-    async def _choose_and_send(
-        self, ex: Exchange, upstream: Upstream, request: UpstreamRequest
-    ) -> UpstreamResponse:
-        """The local adapter when the route serves locally (the cloud if the local backend
-        fails before answering); else the cloud, failing over to a passed adapter when the
-        cloud fails before the first byte."""
-        controller = self._local_controller(ex, request.view)
-        if controller is None:
-            return await upstream.send(request)
-        adapter = controller.serving(ex.route)
-        if adapter is not None and not self.services.local_up:
-            # Known down (the supervisor is restarting it): no attempt, no warning per request.
-            ex.error = "the local backend is restarting; the cloud answered"
-        elif adapter is not None:
-            try:
-                return await self._send_local(ex, request, adapter, "local")
-            except GatewayError as exc:
-                log.warning("route %s: local backend failed (%s); the cloud answers", ex.route, exc.message)
-                ex.error = f"local backend failed ({exc.message}); the cloud answered"
-        try:
-            response = await upstream.send(request)
-        except FAILOVER_ERRORS as exc:
-            return await self._failover(ex, request, exc)
-        if response.status >= 500:
-            fallback = controller.failover_adapter(ex.route)
-            if fallback is not None:
-                response.close()
-                return await self._failover(
-                    ex, request, UpstreamUnreachable(f"upstream answered {response.status}")
-                )
-        return response
-
-    async def _failover(
-        self, ex: Exchange, request: UpstreamRequest, cause: GatewayError
-    ) -> UpstreamResponse:
-        controller = self.services.controller
-        adapter = controller.failover_adapter(ex.route) if controller is not None else None
-        if adapter is None or not self.services.local_up:
-            raise cause
-        try:
-            response = await self._send_local(ex, request, adapter, "failover")
-        except GatewayError:
-            raise cause from None
-        log.warning("route %s: cloud failed (%s); answered by %s", ex.route, cause.message, adapter)
-        return response
-
-    async def _send_local(
-        self, ex: Exchange, request: UpstreamRequest, adapter: str, label: str
-    ) -> UpstreamResponse:
-        services = self.services
-        assert services.controller is not None and services.local_upstream is not None
-        try:
-            await services.controller.ensure_loaded(ex.route, adapter)
-        except LocalBackendError as exc:  # e.g. restarting after a crash: not up yet
-            raise UpstreamUnreachable(str(exc)) from None
-        local_request = UpstreamRequest(
-            method=request.method,
-            path=request.path,
-            query=request.query,
-            headers=forward_headers(list(_LOCAL_HEADERS), None),
-            body=request.view.with_model(request.body, adapter),
-            view=request.view,
-        )
-        response = await services.local_upstream.send(local_request)
-        if response.status >= 500:
-            response.close()
-            raise UpstreamUnreachable(f"local backend answered {response.status}")
-        services.metrics.inflight.labels(ex.backend).dec()
-        ex.backend, ex.upstream_model = label, adapter
-        services.metrics.inflight.labels(label).inc()
-        return response
 
     async def _relay_whole(self, ex: Exchange, response: UpstreamResponse, send: Any) -> None:
         payload = await response.read()
@@ -256,6 +169,7 @@ class ProxyHandler:
             self._read_answer(ex, payload, response.content_type)
         await self.services.commit(ex)
         headers = [*_response_headers(ex, response), (b"content-length", str(len(payload)).encode())]
+        ex.response_started = True
         await send({"type": "http.response.start", "status": ex.status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
@@ -284,6 +198,7 @@ class ProxyHandler:
         watcher = asyncio.create_task(_watch_disconnect(receive, disconnected, response))
         assembler = StreamAssembler()
         headers = _response_headers(ex, response)
+        ex.response_started = True
         await send({"type": "http.response.start", "status": ex.status, "headers": headers})
         held = b""
         try:
@@ -350,6 +265,10 @@ class ProxyHandler:
             log.warning("%s %s -> %d: %s", ex.method, ex.endpoint, exc.status, exc.message)
         body = exc.body_bytes()
         await self.services.commit(ex)
+        if ex.response_started:  # too late for a status: end the body with the error event
+            await send({"type": "http.response.body", "body": exc.sse_event(), "more_body": False})
+            return
+        ex.response_started = True
         headers = [*exc.headers(), *ex.gateway_headers(), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -10,14 +10,8 @@ from gateway.store.sqlite import SQLiteStore
 __all__ = ["LogRecord", "RecordFilter", "SQLiteStore", "Store", "open_store"]
 
 
-def open_store(database_url: str | None, data_dir: Path) -> Store:
-    """The store named by `database_url` (empty: SQLite under `data_dir`)."""
-    if not database_url:
-        return SQLiteStore(data_dir / "understudy.db")
-    if database_url.startswith("sqlite:///"):
-        return SQLiteStore(Path(database_url.removeprefix("sqlite:///")))
-    if database_url.startswith(("postgres://", "postgresql://")):
-        raise NotImplementedError(
-            "the PostgreSQL store is not built yet; use SQLite (leave database_url empty)"
-        )
-    raise ValueError(f"database_url: unsupported scheme in {database_url.split(':', 1)[0]!r}")
+def open_store(url: str) -> Store:
+    """The store named by `url` (settings validate it at load time)."""
+    if url.startswith("sqlite:///"):
+        return SQLiteStore(Path(url.removeprefix("sqlite:///")))
+    raise ValueError(f"unsupported store URL scheme {url.split(':', 1)[0]!r}")

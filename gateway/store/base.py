@@ -39,6 +39,8 @@ class LogRecord:
     client: str | None = None
     # user: client traffic; judge / shadow: the gateway's own calls (never counted as traffic).
     kind: str = "user"
+    # Why the local model did not answer on a locally served route (see gateway.adaptive.eligibility).
+    local_skip: str | None = None
 
 
 @dataclass(slots=True)
@@ -81,6 +83,10 @@ class Store(Protocol):
     """Durable storage of log records. Methods are blocking: call them from a worker thread."""
 
     def open(self) -> None: ...
+
+    def describe(self) -> str:
+        """Which store this is, for logs: its kind and where it lives (never a password)."""
+        ...
 
     def close(self) -> None: ...
 

@@ -7,6 +7,7 @@ connection (the log writer's thread) and one reader connection per reading threa
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -20,7 +21,8 @@ import orjson
 
 from gateway.store.base import EvalRecord, LogRecord, RecordFilter
 
-SCHEMA_VERSION = 2
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 3
 _COLUMNS = [f.name for f in fields(LogRecord)]
 _JSON_COLUMNS = ("request", "response", "usage")
 _SCHEMA = """
@@ -46,7 +48,8 @@ CREATE TABLE IF NOT EXISTS records (
     usage TEXT,
     error TEXT,
     client TEXT,
-    kind TEXT NOT NULL DEFAULT 'user'
+    kind TEXT NOT NULL DEFAULT 'user',
+    local_skip TEXT
 );
 CREATE INDEX IF NOT EXISTS records_route_id ON records(route, id);
 CREATE INDEX IF NOT EXISTS records_ts ON records(ts);
@@ -126,6 +129,13 @@ def _where(where: RecordFilter) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a store written by an older version up to this schema (columns only grow)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
+    if "local_skip" not in have:  # schema 3
+        conn.execute("ALTER TABLE records ADD COLUMN local_skip TEXT")
+
+
 class SQLiteStore:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -133,11 +143,15 @@ class SQLiteStore:
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
 
+    def describe(self) -> str:
+        return f"sqlite:{self.path}"
+
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
         with conn:
             conn.executescript(_SCHEMA)
+            _migrate(conn)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _conn(self) -> sqlite3.Connection:
@@ -207,11 +221,35 @@ class SQLiteStore:
         return int(count)
 
     def delete_records(self, route: str | None, before: float | None) -> int:
+        """Delete, and leave no copy of what was deleted on disk: secure_delete zeroes the freed
+        space in the database file, and the checkpoint moves every WAL frame (which still held
+        the rows as written) into it and truncates the WAL."""
         clause, params = _where(RecordFilter(route=route, until=before))
         conn = self._conn()
+        conn.execute("PRAGMA secure_delete = ON")
         with conn:
             cursor = conn.execute(f"DELETE FROM records{clause}", params)
+        self._checkpoint(conn)
         return cursor.rowcount
+
+    def vacuum(self) -> tuple[int, int]:
+        """Rebuild the database file without its free pages; (bytes before, bytes after), the
+        WAL included. Log writes wait meanwhile (they spill and retry if it takes long)."""
+        before = self._disk_bytes()
+        conn = self._conn()
+        conn.execute("VACUUM")
+        self._checkpoint(conn)
+        return before, self._disk_bytes()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            # A reader still holds an old snapshot: the frames go at the next checkpoint.
+            log.warning("WAL checkpoint after a delete was blocked by a reader; it runs again later")
+
+    def _disk_bytes(self) -> int:
+        paths = (self.path, self.path.with_name(self.path.name + "-wal"))
+        return sum(path.stat().st_size for path in paths if path.exists())
 
     def count_usable_pairs(self, route: str, after_id: int) -> tuple[int, int]:
         count, newest = (

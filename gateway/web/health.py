@@ -23,6 +23,13 @@ async def readyz(request: Request) -> Response:
     body: dict[str, object] = {"status": "ready" if services.started else "starting"}
     if services.backend is not None:
         body["local_backend"] = services.backend.status()
+    if services.controller is not None:
+        # Ready to proxy, but a route that cannot learn must show here, not only in a log.
+        problems = services.controller.problems()
+        body["routes"] = services.controller.summaries()
+        if problems:
+            body["problems"] = problems
+            body["status"] = "degraded" if services.started else "starting"
     return JSONResponse(body, status_code=200 if services.started else 503)
 
 

@@ -63,7 +63,7 @@ def _grader_cloud(replies: list[str]) -> FakeCloud:
 
 
 async def _call(server: FakeCloudServer) -> Any:
-    async def call(body: dict[str, Any]) -> dict[str, Any]:
+    async def call(body: dict[str, Any], authorization: str | None) -> dict[str, Any]:
         async with (
             aiohttp.ClientSession() as s,
             s.post(server.base_url + "/chat/completions", json=body) as r,

@@ -229,7 +229,7 @@ async def test_body_over_limit_is_413(gateway_factory: Any) -> None:
     # still serving
     status, _, _ = await _post(
         gateway.url + "/v1/chat/completions",
-        b'{"model":"x","messages":[]}',
+        b'{"model":"x","messages":[{"role":"user","content":"hi"}]}',
         {"content-type": "application/json"},
     )
     assert status == 200
