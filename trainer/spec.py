@@ -33,7 +33,7 @@ class TrainSpec(BaseModel):
         ALL_LINEAR, description="'all-linear' or comma-separated module names (q_proj,v_proj)"
     )
     epochs: int | None = Field(None, ge=1, description="exactly this many epochs, instead of the budget")
-    max_epochs: int = Field(4, ge=1, description="cap on epochs when the budget decides")
+    max_epochs: int = Field(3, ge=1, description="cap on epochs when the budget decides")
     max_examples_seen: int = Field(400, ge=1, description="budget of a first job, in examples seen")
     retrain_examples_seen: int = Field(
         200, ge=1, description="budget of a job continuing from init_adapter, in examples seen"

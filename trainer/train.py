@@ -6,6 +6,10 @@ autocast on CUDA, length-grouped sampling, the eval loop, the path to accelerate
 multi-GPU), and it costs nothing measurable: `bench/train.py` runs it against a plain
 peft + torch loop on the same data (SmolLM2-135M, batch 4, seq 256, CPU) and the per-step
 time ratio came out at 1.006 side by side (CPU time 0.996).
+
+How long a job trains is planned in trainer/plan.py; the Trainer evaluates the loss on the
+validation slice every `plan.eval_steps` steps and transformers' EarlyStoppingCallback (see
+trainer/callbacks.py) ends the job when it is flat.
 """
 
 from __future__ import annotations
@@ -221,15 +225,87 @@ def build_callbacks(report: Report, spec: TrainSpec, plan: StepPlan, validate: b
     return callbacks
 
 
+@dataclass
+class Splits:
+    """The tokenized splits, and how many examples tokenization dropped."""
+
+    train: Dataset
+    validation: Dataset
+    heldout: Dataset
+    dropped: int
+
+
 def _tokenized(path: Path | None, base: LoadedBase, spec: TrainSpec, cache: Path) -> tuple[Dataset, int]:
     if path is None:
         return Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": [], "length": []}), 0
     return tokenize_dataset(load_chat_dataset(path, cache), base.tokenizer, spec.max_length)
 
 
+def tokenize_splits(files: DataFiles, base: LoadedBase, spec: TrainSpec, cache: Path) -> Splits:
+    train, dropped_train = _tokenized(files.train, base, spec, cache)
+    validation, dropped_validation = _tokenized(files.validation, base, spec, cache)
+    heldout, dropped_heldout = _tokenized(files.heldout, base, spec, cache)
+    if len(train) == 0:
+        raise DataError("no training example has an answer left after tokenization")
+    return Splits(train, validation, heldout, dropped_train + dropped_validation + dropped_heldout)
+
+
+def trainable_model(base: LoadedBase, spec: TrainSpec) -> PeftModel:
+    model = attach_lora(base.model, spec)
+    if spec.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a Trainer is built from."""
+
+    spec: TrainSpec
+    base: LoadedBase
+    plan: StepPlan
+    report: Report
+    scratch: Path  # Trainer output and datasets cache; removed after training
+
+
+def build_trainer(job: Job, model: PeftModel, splits: Splits) -> Trainer:
+    spec, base, plan = job.spec, job.base, job.plan
+    validate = len(splits.validation) > 0
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(spec, job.scratch / "trainer", base, plan, validate),
+        train_dataset=splits.train,
+        eval_dataset=splits.validation if validate else None,
+        data_collator=PadCollator(base.tokenizer.pad_token_id),
+        callbacks=build_callbacks(job.report, spec, plan, validate),
+    )
+    trainer.remove_callback(PrinterCallback)  # a dict per step on stdout; our watchers report instead
+    return trainer
+
+
+def stopped_early(trainer: Trainer) -> bool:
+    callbacks = trainer.callback_handler.callbacks
+    return any(isinstance(c, FlatLossStop) and c.stopped_at is not None for c in callbacks)
+
+
+def heldout_loss(trainer: Trainer, heldout: Dataset, report: Report) -> float | None:
+    """The loss on the held-out split (reported only: it never steers training)."""
+    if len(heldout) == 0:
+        return None
+    report(message="measuring the loss on the held-out split")
+    trainer.remove_callback(FlatLossStop)
+    loss = round(float(trainer.evaluate(heldout, metric_key_prefix="heldout")["heldout_loss"]), 5)
+    report(eval_loss=loss)
+    return loss
+
+
 def _best_validation_loss(trainer: Trainer) -> float | None:
     losses = [float(entry["eval_loss"]) for entry in trainer.state.log_history if "eval_loss" in entry]
     return round(min(losses), 5) if losses else None
+
+
+def _progress(trainer: Trainer) -> ProgressCallback:
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback))
 
 
 def train_adapter(
@@ -243,54 +319,29 @@ def train_adapter(
     base = load_base(spec, cache_root)
     report(threads=base.threads)
     scratch = output_dir / ".scratch"  # datasets cache and Trainer output; not part of the adapter
-    cache = scratch / "datasets"
-    train_set, dropped = _tokenized(files.train, base, spec, cache)
-    validation_set, dropped_validation = _tokenized(files.validation, base, spec, cache)
-    heldout_set, dropped_heldout = _tokenized(files.heldout, base, spec, cache)
-    if len(train_set) == 0:
-        raise DataError("no training example has an answer left after tokenization")
-    plan = plan_steps(spec, len(train_set))
-    validate = len(validation_set) > 0
-    model = attach_lora(base.model, spec)
-    if spec.gradient_checkpointing:
-        model.enable_input_require_grads()
-    callbacks = build_callbacks(report, spec, plan, validate)
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(spec, scratch / "trainer", base, plan, validate),
-        train_dataset=train_set,
-        eval_dataset=validation_set if validate else None,
-        data_collator=PadCollator(base.tokenizer.pad_token_id),
-        callbacks=callbacks,
-    )
-    trainer.remove_callback(PrinterCallback)  # a dict per step on stdout; our watchers report instead
+    splits = tokenize_splits(files, base, spec, scratch / "datasets")
+    plan = plan_steps(spec, len(splits.train))
+    model = trainable_model(base, spec)
+    trainer = build_trainer(Job(spec, base, plan, report, scratch), model, splits)
     started = time.perf_counter()
     output = trainer.train()
     train_seconds = time.perf_counter() - started
-    stopped_early = any(isinstance(c, FlatLossStop) and c.stopped_at is not None for c in callbacks)
-    reason = stop_reason(plan, stopped_early, spec)
+    reason = stop_reason(plan, stopped_early(trainer), spec)
     report(stop_reason=reason, eta_seconds=0.0)
-    eval_loss = None
-    if len(heldout_set):
-        report(message="measuring the loss on the held-out split")
-        trainer.remove_callback(FlatLossStop)
-        eval_loss = round(
-            float(trainer.evaluate(heldout_set, metric_key_prefix="heldout")["heldout_loss"]), 5
-        )
-        report(eval_loss=eval_loss)
+    eval_loss = heldout_loss(trainer, splits.heldout, report)
     model.save_pretrained(str(output_dir))
     shutil.rmtree(scratch, ignore_errors=True)
     steps = trainer.state.global_step
-    progress: ProgressCallback = callbacks[0]
+    curve = _progress(trainer).curve
     return TrainResult(
         epochs=plan.epochs,
         total_steps=steps,
         planned_steps=plan.max_steps,
         stop_reason=reason,
-        train_examples=len(train_set),
-        validation_examples=len(validation_set),
-        heldout_examples=len(heldout_set),
-        dropped_examples=dropped + dropped_validation + dropped_heldout,
+        train_examples=len(splits.train),
+        validation_examples=len(splits.validation),
+        heldout_examples=len(splits.heldout),
+        dropped_examples=splits.dropped,
         train_loss=round(float(output.training_loss), 5),
         validation_loss=_best_validation_loss(trainer),
         eval_loss=eval_loss,
@@ -302,6 +353,6 @@ def train_adapter(
         threads=base.threads,
         base_model_path=base.path,
         lora=lora_summary(model),
-        loss_history=progress.curve.train_losses(),
-        loss_curve=progress.curve.thinned(),
+        loss_history=curve.train_losses(),
+        loss_curve=curve.thinned(),
     )

@@ -13,9 +13,9 @@ from trainer.spec import TrainSpec
 @pytest.mark.parametrize(
     ("train_count", "steps", "limit"),
     [
-        (72, 72, "max_epochs"),  # 100 logged pairs: 4 epochs of 18 steps (the old rule: 10 epochs)
+        (72, 54, "max_epochs"),  # 100 logged pairs: 3 epochs of 18 steps (the old rule: 10 epochs)
         (240, 100, "budget"),  # 400 examples seen at batch 4
-        (3, 4, "max_epochs"),
+        (3, 3, "max_epochs"),
     ],
 )
 def test_a_first_job_trains_within_budget_and_epoch_cap(train_count: int, steps: int, limit: str) -> None:
@@ -40,7 +40,7 @@ def test_fixed_epochs_and_max_steps_override_the_budget() -> None:
 
 
 def test_evals_are_spread_over_the_job() -> None:
-    assert plan_steps(TrainSpec(), 72).eval_steps == 6
+    assert plan_steps(TrainSpec(), 72).eval_steps == 5
     assert plan_steps(TrainSpec(eval_steps=10), 72).eval_steps == 10
     assert plan_steps(TrainSpec(), 2).eval_steps == 1
 
@@ -52,4 +52,4 @@ def test_stop_reasons() -> None:
     assert (
         stop_reason(plan, True, spec) == "early_stopping: validation loss flat for 3 evals (min delta 0.01)"
     )
-    assert stop_reason(plan_steps(spec, 72), False, spec) == "max_epochs: 4 epochs"
+    assert stop_reason(plan_steps(spec, 72), False, spec) == "max_epochs: 3 epochs"
