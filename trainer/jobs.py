@@ -20,12 +20,13 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trainer.adapters import AdapterRegistry
+from trainer.dataset import write_jsonl
 from trainer.errors import InvalidName, JobConflict
 from trainer.locks import lock_holder
 from trainer.names import new_job_id, validate_job_id, validate_route
@@ -127,6 +128,9 @@ class JobManager:
     def log_path(self, job_id: str) -> Path:
         return self.jobs_dir / f"{validate_job_id(job_id)}.log"
 
+    def failed_path(self, job_id: str) -> Path:
+        return self.jobs_dir / f"{validate_job_id(job_id)}.failed.jsonl"
+
     def status(self, job_id: str) -> dict[str, Any] | None:
         """The job's status (DESIGN.md shape plus extras), or None for an unknown id."""
         try:
@@ -148,8 +152,12 @@ class JobManager:
 
     # --- starting and supervising ---------------------------------------------------------
 
-    async def start(self, route: str, spec: TrainSpec | None = None) -> str:
+    async def start(
+        self, route: str, spec: TrainSpec | None = None, failed_pairs: Sequence[dict[str, Any]] = ()
+    ) -> str:
         """Launch a training job for `route`; return its id at once (status `queued`).
+        `failed_pairs`: pairs the candidate failed (eval rows with `prompt` and `cloud_answer`, log
+        records or chats), trained on first unless their prompt is held out.
         Raises JobConflict while another job for the route runs. A process that cannot even
         be spawned leaves the job as `error` with the reason."""
         holder = self.running_job(route)
@@ -162,7 +170,8 @@ class JobManager:
         )
         try:
             write_status(self.status_path(job_id), queued)
-            process = await self._spawn(route, job_id, spec or TrainSpec())
+            job_spec = self._with_failed(job_id, spec or TrainSpec(), failed_pairs)
+            process = await self._spawn(route, job_id, job_spec)
         except OSError as exc:
             del self._routes[route]
             failed = queued.finished("error", f"cannot start the trainer: {exc}")
@@ -174,6 +183,14 @@ class JobManager:
         job.supervisor = asyncio.create_task(self._supervise(job), name=f"trainer-{job_id}")
         log.info("training job %s for route %s started (pid %d)", job_id, route, process.pid)
         return job_id
+
+    def _with_failed(self, job_id: str, spec: TrainSpec, pairs: Sequence[dict[str, Any]]) -> TrainSpec:
+        """The spec pointed at the failed pairs, written next to the job's status file."""
+        if not pairs:
+            return spec
+        path = self.failed_path(job_id)
+        write_jsonl(path, pairs)
+        return spec.model_copy(update={"failed_data": path})
 
     def _argv(self, route: str, job_id: str, spec: TrainSpec) -> list[str]:
         return [

@@ -243,3 +243,20 @@ def test_continuing_from_a_previous_adapter(tiny_spec: MakeSpec, data_dir: Path)
     meta = json.loads((data_dir / "adapters" / "words" / "v2" / "meta.json").read_text())
     assert meta["init_adapter"] == str(v1)
     assert meta["lora"]["r"] == 4  # the continued adapter keeps its own shape
+
+
+async def test_failed_pairs_travel_to_the_job_and_are_trained_on(
+    manager: JobManager, tiny_spec: MakeSpec, data_dir: Path
+) -> None:
+    from trainer.dataset import heldout_bucket
+
+    words = [f"failed{i}" for i in range(20)]
+    word = next(w for w in words if heldout_bucket(word_chat(w)) >= 0.2)
+    row = {"prompt": word_chat(word)["messages"][:-1], "cloud_answer": f"The word is {word}.", "passed": 0}
+    job_id = await manager.start("words", tiny_spec(max_steps=2, threads=1), failed_pairs=[row])
+    final, _ = await watch(manager, job_id)
+    assert final["status"] == "completed", final
+    assert json.loads(manager.failed_path(job_id).read_text()) == row
+    version = AdapterRegistry(data_dir).latest("words")
+    assert version is not None and version.meta["selection"]["failed"] == 1
+    assert f"Say the word {word}" in (version.path / "train.jsonl").read_text()
