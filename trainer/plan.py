@@ -41,8 +41,8 @@ def steps_per_epoch(spec: TrainSpec, train_count: int) -> int:
 
 
 def budget_examples(spec: TrainSpec) -> int | None:
-    """Examples a job may see; None when `epochs` fixes its length instead."""
-    if spec.epochs is not None:
+    """Examples a job may see; None when `epochs` or `max_steps` fixes its length instead."""
+    if spec.epochs is not None or spec.max_steps is not None:
         return None
     return spec.retrain_examples_seen if spec.init_adapter is not None else spec.max_examples_seen
 
@@ -55,9 +55,13 @@ def sample_cap(spec: TrainSpec) -> int:
 
 
 def plan_steps(spec: TrainSpec, train_count: int) -> StepPlan:
+    """The job's step plan; `max_steps` wins over `epochs`, which wins over the budget (as in
+    transformers, where max_steps overrides num_train_epochs)."""
     per_epoch = steps_per_epoch(spec, train_count)
     budget = budget_examples(spec)
-    if budget is None:
+    if spec.max_steps is not None:
+        steps, limit, detail = spec.max_steps, "max_steps", f"{spec.max_steps} steps"
+    elif budget is None:
         epochs = spec.epochs or 1
         steps, limit, detail = epochs * per_epoch, "epochs", f"{epochs} epochs"
     else:
@@ -67,8 +71,6 @@ def plan_steps(spec: TrainSpec, train_count: int) -> StepPlan:
             steps, limit, detail = budget_steps, "budget", f"{budget} examples seen"
         else:
             steps, limit, detail = epoch_steps, "max_epochs", f"{spec.max_epochs} epochs"
-    if spec.max_steps is not None and spec.max_steps < steps:
-        steps, limit, detail = spec.max_steps, "max_steps", f"{spec.max_steps} steps"
     eval_steps = spec.eval_steps or max(1, math.ceil(steps / EVALS_PER_JOB))
     return StepPlan(steps, per_epoch, limit, detail, eval_steps)
 

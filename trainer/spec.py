@@ -38,7 +38,9 @@ class TrainSpec(BaseModel):
     retrain_examples_seen: int = Field(
         200, ge=1, description="budget of a job continuing from init_adapter, in examples seen"
     )
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    max_steps: int | None = Field(
+        None, ge=1, description="exactly this many optimizer steps (overrides epochs and the budget)"
+    )
     max_samples: int = Field(300, ge=1, description="training pairs at most: a deduplicated, diverse sample")
     replay_fraction: float = Field(
         0.25, ge=0.0, le=1.0, description="share of a retrain's pairs replayed from the previous adapter's"

@@ -36,7 +36,8 @@ def test_fixed_epochs_and_max_steps_override_the_budget() -> None:
     assert plan_steps(TrainSpec(epochs=10), 80).max_steps == 200
     plan = plan_steps(TrainSpec(epochs=10, max_steps=30), 80)
     assert (plan.max_steps, plan.limit, plan.detail) == (30, "max_steps", "30 steps")
-    assert sample_cap(TrainSpec(epochs=10)) == 300
+    assert plan_steps(TrainSpec(max_steps=100_000), 3).max_steps == 100_000  # as in transformers
+    assert sample_cap(TrainSpec(epochs=10)) == sample_cap(TrainSpec(max_steps=5)) == 300
 
 
 def test_evals_are_spread_over_the_job() -> None:
