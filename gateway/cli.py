@@ -11,19 +11,7 @@ from pathlib import Path
 
 from gateway import admin_cli
 from gateway.settings import ConfigError, load_settings
-
-OFFLINE_DEFAULTS = {
-    # Nothing may reach the network at run time: no model hub, no price-map download.
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-
-def enforce_offline() -> None:
-    for key, value in OFFLINE_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+from trainer.offline import enforce_offline
 
 
 def _serve(args: argparse.Namespace) -> int:

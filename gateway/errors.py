@@ -10,12 +10,19 @@
     │   ├── PayloadTooLarge           413 invalid_request_error
     │   ├── Unprocessable             422 invalid_request_error: well-formed, fails validation
     │   └── RateLimited               429 rate_limit_error (+ Retry-After)
-    └── ServiceError                  5xx: the gateway's world is at fault
-        ├── UpstreamUnreachable       502 upstream_error
-        ├── BadUpstreamResponse       502 upstream_error (a 2xx answer that is not what it claims)
-        ├── Overloaded                503 overloaded_error (+ Retry-After): a full queue
-        ├── CircuitOpen               503 upstream_unavailable (+ Retry-After): breaker open
-        └── UpstreamTimeout           504 timeout_error
+    ├── ServiceError                  5xx: the gateway's world is at fault
+    │   ├── UpstreamUnreachable       502 upstream_error
+    │   │   └── BadUpstreamResponse   502 upstream_error (a 2xx answer that is not what it claims)
+    │   ├── LocalBackendError         502 local_backend_error: the local model server failed
+    │   ├── JudgeError                502 judge_error: the grader produced no verdict
+    │   ├── Overloaded                503 overloaded_error (+ Retry-After): a full queue
+    │   ├── CircuitOpen               503 upstream_unavailable (+ Retry-After): breaker open
+    │   └── UpstreamTimeout           504 timeout_error
+    └── ConfigError                   500 config_error: the configuration cannot be used (also a
+                                      ValueError, so pydantic validators may raise it)
+
+Every one is mapped to HTTP in one place: `GatewayError.body()` / `headers()`, used by the /v1
+edge (gateway/proxy/handler.py) and the Starlette app's exception handler (gateway/app.py).
 
 Inside an already started stream the same body is sent as an SSE `data:` event instead.
 """
@@ -150,3 +157,25 @@ class UpstreamTimeout(ServiceError):
     status = 504
     type = "timeout_error"
     code = "upstream_timeout"
+
+
+class LocalBackendError(ServiceError):
+    """The local model server failed a control call or an answer the gateway asked for."""
+
+    status = 502
+    type = "upstream_error"
+    code = "local_backend_error"
+
+
+class JudgeError(ServiceError):
+    """The judge could not produce a verdict (counted as a judge error, never as a fail)."""
+
+    status = 502
+    type = "upstream_error"
+    code = "judge_error"
+
+
+class ConfigError(GatewayError, ValueError):
+    """The configuration cannot be used; the message names the offending key."""
+
+    code = "config_error"

@@ -1,4 +1,4 @@
-"""Every metric in DESIGN.md, on one registry per app (so tests can run several apps).
+"""Every metric the README lists, on one registry per app (so tests can run several apps).
 
 Labels are bounded: `route` comes from the config, `backend` and `code` from small fixed sets,
 never raw model strings or user ids from clients.

@@ -212,7 +212,8 @@ class Services:
 
     def observe(self, ex: Exchange) -> None:
         if self.controller is not None and ex.kind == "user":
-            ok = ex.status == 200 and ex.outcome == "ok"
+            # A truncated answer is still evidence: the reference is asked with the same max_tokens.
+            ok = ex.status == 200 and ex.outcome in ("ok", "truncated")
             self.controller.observe(ex, ok)
         metrics = self.metrics
         metrics.requests.labels(ex.route, ex.backend, str(ex.status)).inc()

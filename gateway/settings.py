@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.errors import ConfigError
 from gateway.limits.settings import AuthSettings, BreakerSettings, LimitSettings, RetrySettings
 
 DEFAULT_UPSTREAM = "default"
@@ -26,10 +27,6 @@ DEFAULT_LOCAL_MODEL = "SmolLM2-135M-Instruct"
 ROUTE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SERVER_NAME_PATTERN = r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*"
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be used; the message names the offending key."""
 
 
 class _Strict(BaseModel):
@@ -120,7 +117,7 @@ class RouteSettings(_Strict):
     def _valid_training(cls, value: dict[str, Any]) -> dict[str, Any]:
         from trainer.spec import TrainSpec
 
-        forbidden = {"data", "base_model", "init_adapter"} & set(value)
+        forbidden = {"data", "store_url", "base_model", "init_adapter", "failed_data"} & set(value)
         if forbidden:
             raise ValueError(f"set per job, not per route: {', '.join(sorted(forbidden))}")
         TrainSpec.model_validate(value)  # names the bad key or value

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from local_backend.loading import DEFAULT_MODEL
 from local_backend.settings import Settings
+from trainer.offline import enforce_offline
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,10 +85,7 @@ def _parse_loras(items: list[str], parser: argparse.ArgumentParser) -> dict[str,
 def prepare_environment(settings: Settings) -> None:
     """Process-wide defaults the model stack reads: offline hub, no torch.compile (the
     outlines mask kernel would otherwise compile for up to half a minute), caches in the data dir."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    enforce_offline()
     os.environ.setdefault("OUTLINES_CACHE_DIR", str(settings.outlines_cache_dir))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.data_dir / "cache" / "torchinductor"))
 

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvicorn
+
+from gateway.app import UnderstudyApp, create_app
+from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
+from gateway.limits.clock import Clock
+from gateway.settings import Settings, load_settings
+from trainer.offline import enforce_offline
 
 # Set before any test module imports transformers or litellm: nothing may reach the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+enforce_offline()
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -42,21 +51,6 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 # --- gateway fixtures: a real fake cloud and a real gateway, each on a loopback socket -------
-
-import contextlib  # noqa: E402
-import socket  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-import uvicorn  # noqa: E402
-
-from gateway.app import UnderstudyApp, create_app  # noqa: E402
-from gateway.demo.fakecloud import FakeCloud, FakeCloudServer  # noqa: E402
-from gateway.limits.clock import Clock  # noqa: E402
-from gateway.settings import Settings, load_settings  # noqa: E402
 
 
 @pytest.fixture

@@ -20,16 +20,10 @@ from pydantic import ValidationError
 
 from trainer.errors import JobTerminated, TrainerError
 from trainer.names import new_job_id, validate_job_id, validate_route
+from trainer.offline import enforce_offline
 from trainer.spec import TrainSpec
 
 DEFAULT_DATA_DIR = ".understudy"
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TORCHDYNAMO_DISABLE": "1",
-}
 _ALIASES = {"learning_rate": ["--lr"], "grad_accum": ["--gradient-accumulation-steps"]}
 
 
@@ -78,8 +72,7 @@ def _install_stop_handlers() -> dict[int, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run one training job (or an export); 0 on success, 1 on a reported failure,
     2 on bad arguments, 128+N when stopped by signal N."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    enforce_offline()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

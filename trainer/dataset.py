@@ -30,7 +30,6 @@ Sample = dict[str, Any]
 Record = dict[str, Any]
 
 CHAT_ENDPOINT_SUFFIX = "/chat/completions"
-STORE_FILE = "understudy.db"  # the gateway's default SQLite log store inside DATA_DIR
 MIN_SAMPLES_FOR_HELDOUT = 5
 _TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -234,15 +233,23 @@ def load_samples(path: Path) -> Conversion:
     return _convert((_kind(line), line) for line in read_jsonl(path))
 
 
-def load_route_records(data_dir: Path, route: str) -> Iterator[Record]:
-    """The route's log records from the gateway's SQLite store, oldest first."""
-    # Imported here: the trainer runs without the gateway package when given --data.
-    from gateway.store.sqlite import SQLiteStore
+def default_store_url(data_dir: Path) -> str:
+    """The gateway's embedded default store for a data dir (its settings' `store_url`)."""
+    return f"sqlite:///{data_dir / 'understudy.db'}"
 
-    path = data_dir / STORE_FILE
-    if not path.is_file():
+
+def load_route_records(store_url: str, route: str) -> Iterator[Record]:
+    """The route's log records from the gateway's store at `store_url`, oldest first."""
+    # Imported here: the trainer runs without the gateway package when given --data.
+    from gateway.store import open_store
+
+    path = Path(store_url.removeprefix("sqlite:///")) if store_url.startswith("sqlite:///") else None
+    if path is not None and not path.is_file():
         raise DataError(f"no log store at {path}: nothing logged yet, or pass --data FILE")
-    store = SQLiteStore(path)
+    try:
+        store = open_store(store_url)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     try:
         yield from store.iter_records(route=route)
     finally:

@@ -30,6 +30,7 @@ from trainer.dataset import write_jsonl
 from trainer.errors import InvalidName, JobConflict
 from trainer.locks import lock_holder
 from trainer.names import new_job_id, validate_job_id, validate_route
+from trainer.offline import OFFLINE_ENV
 from trainer.progress import JobStatus, read_status, utc_now, write_status
 from trainer.spec import TrainSpec
 
@@ -40,7 +41,7 @@ POLL_S = 0.5  # for jobs that are not our children (left by a previous gateway)
 LOG_TAIL_LINES = 3
 MAX_REASON_CHARS = 800
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_CHILD_ENV = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+_CHILD_ENV = {"PYTHONUNBUFFERED": "1", **OFFLINE_ENV}
 
 OnFinish = Callable[[dict[str, Any]], None]
 
@@ -132,7 +133,7 @@ class JobManager:
         return self.jobs_dir / f"{validate_job_id(job_id)}.failed.jsonl"
 
     def status(self, job_id: str) -> dict[str, Any] | None:
-        """The job's status (DESIGN.md shape plus extras), or None for an unknown id."""
+        """The job's status (the documented shape, see GET /admin/jobs/{id}, plus extras), or None for an unknown id."""
         try:
             current = read_status(self.status_path(job_id))
         except InvalidName:

@@ -2,7 +2,7 @@
 
 Written atomically (temp file in the same folder + os.replace), so a reader never sees a half
 file and a process killed mid-write leaves the previous version. The first eight fields are
-the DESIGN.md job status shape; the rest are extras (the loss curve, the stop reason, an ETA,
+the documented job status shape (GET /admin/jobs/{id}); the rest are extras (the loss curve, the stop reason, an ETA,
 for the dashboard and the terminal).
 """
 

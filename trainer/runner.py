@@ -17,6 +17,7 @@ from trainer.dataset import (
     Conversion,
     Sample,
     data_hash,
+    default_store_url,
     heldout_bucket,
     load_route_records,
     load_samples,
@@ -52,7 +53,7 @@ def collect_samples(spec: TrainSpec, data_dir: Path, route: str) -> Conversion:
     """Usable samples from `spec.data` when given, else from the route's log store."""
     if spec.data is not None:
         return load_samples(spec.data)
-    return records_to_samples(load_route_records(data_dir, route))
+    return records_to_samples(load_route_records(spec.store_url or default_store_url(data_dir), route))
 
 
 def describe(exc: BaseException) -> str:

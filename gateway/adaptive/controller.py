@@ -17,20 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from gateway.adaptive import policy
-from gateway.adaptive.answers import answer_text
 from gateway.adaptive.eligibility import AdapterTraits
-from gateway.adaptive.judges import Judge, JudgeError, Verdict, build_judge
+from gateway.adaptive.evaluation import eval_max_tokens, eval_record, read_heldout
+from gateway.adaptive.judges import Judge, Verdict, build_judge
 from gateway.adaptive.policy import EvalOutcome, Mode, RouteState
+from gateway.adaptive.retrain import next_job
 from gateway.domain import LOCAL_ENDPOINT
 from gateway.domain.exchange import Exchange
 from gateway.errors import Conflict, GatewayError, InvalidRequest, NotFound
 from gateway.local.client import LocalBackendClient, LocalBackendError, adapter_name
 from gateway.metrics import Metrics
 from gateway.settings import RouteSettings, Settings
-from gateway.store.base import EvalRecord, Store
+from gateway.store.base import Store
 from trainer.adapters import AdapterRegistry
 from trainer.jobs import JobManager
 from trainer.spec import TrainSpec
@@ -41,12 +40,9 @@ CloudCall = Callable[[str, dict[str, Any], str, str | None], Awaitable[dict[str,
 _TRAIN_CHECK_INTERVAL_S = 1.0
 # Shadow work is sampled evidence, not a queue to drain: beyond this many at once, skip.
 _MAX_SHADOW_TASKS = 4
-_LOCAL_MAX_TOKENS = 1024
 # Fields that only mean something on a streamed request: the real API refuses
 # `stream_options` on a non-streamed one, so a re-ask must drop them all.
 _STREAM_ONLY_FIELDS = ("stream", "stream_options")
-# What a held-out sample replays from the request it was logged with.
-_REPLAYED_FIELDS = ("tools", "tool_choice", "response_format", "parallel_tool_calls")
 
 
 @dataclass
@@ -254,12 +250,23 @@ class AdaptiveController:
                 return None
             if not force and not policy.ready_to_train(state, runtime.settings.policy, count, time.time()):
                 return None
-            spec = TrainSpec(base_model=runtime.settings.local_model, **runtime.settings.training)
-            job_id = await self.jobs.start(runtime.name, spec)
+            spec, failed = await self._job_spec(runtime)
+            job_id = await self.jobs.start(runtime.name, spec, failed_pairs=failed)
             policy.training_started(state, job_id, newest, time.time())
             await self._persist(runtime)
         self._spawn(self._watch_job(runtime, job_id))
         return job_id
+
+    async def _job_spec(self, runtime: RouteRuntime) -> tuple[TrainSpec, list[dict[str, Any]]]:
+        previous = runtime.state.rejected_version or runtime.state.active_version
+        rows: list[dict[str, Any]] = []
+        if previous is not None and not self.traits(adapter_name(runtime.name, previous)).trained_with_tools:
+            rows = await asyncio.to_thread(self.store.list_evals, runtime.name, 1000)
+        serving = self._local_serving()
+        return next_job(runtime.settings, previous, self.adapters, rows, serving, self.settings.store_url)
+
+    def _local_serving(self) -> bool:
+        return any(runtime.state.serving_mode == "local" for runtime in self.routes.values())
 
     async def _watch_job(self, runtime: RouteRuntime, job_id: str) -> None:
         final = await self.jobs.wait(job_id) or {"status": "error", "message": "job vanished"}
@@ -285,8 +292,14 @@ class AdaptiveController:
         self._spawn(self._heldout_eval(runtime, version))
 
     async def _eval_deadline(self, runtime: RouteRuntime, version: int) -> None:
-        settings = runtime.settings.policy
-        await asyncio.sleep(max(0.0, runtime.state.eval_started_at + settings.eval_timeout_s - time.time()))
+        """End the eval of `version` at its deadline if nothing decided it before. The loop
+        sleeps on the event loop's monotonic clock, which may wake a hair before the wall
+        clock the deadline is kept in (it survives restarts): so look again until it is due."""
+        settings, state = runtime.settings.policy, runtime.state
+        while (remaining := state.eval_started_at + settings.eval_timeout_s - time.time()) > 0:
+            await asyncio.sleep(remaining + 0.01)
+            if state.mode != "eval" or state.candidate_version != version:
+                return
         await self._change(runtime, lambda s: policy.eval_expired(s, settings, version, time.time()))
 
     # --- evaluation ----------------------------------------------------------------------
@@ -295,9 +308,7 @@ class AdaptiveController:
         """Judge `version` on the route's held-out split, replaying each sample's tools and
         response format. No client request pays for these calls: without an upstream key of
         its own the gateway skips them (and counts them)."""
-        samples = await asyncio.to_thread(
-            _read_heldout, self.adapters.get(runtime.name, version).heldout_path
-        )
+        samples = await asyncio.to_thread(read_heldout, self.adapters.get(runtime.name, version).heldout_path)
         if runtime.judge.name == "upstream" and not self.pays_for_own_calls(runtime.name):
             for _ in samples:
                 self._skipped(runtime, "held-out eval needs the upstream's own key")
@@ -357,12 +368,12 @@ class AdaptiveController:
             if local is None:
                 local = await self._local_answer(runtime, version, request, cloud)
             verdict = await runtime.judge.judge(request, cloud, local, auth)
-        except (JudgeError, LocalBackendError, GatewayError) as exc:
+        except GatewayError as exc:  # JudgeError, LocalBackendError, a failing upstream
             error = str(exc)
         latency = (time.perf_counter() - started) * 1000
         await asyncio.to_thread(
             self.store.insert_eval,
-            _eval_record(runtime, phase, version, request, cloud, local, verdict, error, latency),
+            eval_record(runtime, phase, version, request, cloud, local, verdict, error, latency),
         )
         if verdict is None:
             self.metrics.evals.labels(runtime.name, "judge_error").inc()
@@ -441,6 +452,7 @@ class AdaptiveController:
             "job_id": state.job_id,
             "job": self.jobs.status(state.job_id) if state.job_id else None,
             "blocked": self.blocked,
+            "failed_trainings": state.failed_trainings,
             "eval_deadline": (
                 state.eval_started_at + runtime_policy.eval_timeout_s if state.mode == "eval" else None
             ),
@@ -502,74 +514,3 @@ class AdaptiveController:
             self.metrics.eval_score.labels(runtime.name).set(score)
         failing = runtime.state.failed_trainings > 0 and current == "cloud"
         self.metrics.route_blocked.labels(runtime.name, "training_failed").set(1 if failing else 0)
-
-
-def eval_max_tokens(request: dict[str, Any], cloud: dict[str, Any]) -> int:
-    """The local answer's token budget: the request's own, else room for an answer half again
-    as long as the cloud's, counted in tokens (its usage, else a conservative estimate from
-    the text, tool calls included), never in characters: JSON tokenizes denser than prose,
-    and a near miss cut mid-object would be judged a total miss."""
-    asked = request.get("max_completion_tokens") or request.get("max_tokens")
-    if isinstance(asked, int) and asked > 0:
-        return min(asked, _LOCAL_MAX_TOKENS)
-    usage = cloud.get("usage")
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    if not isinstance(tokens, int) or tokens <= 0:
-        tokens = len(answer_text(cloud)) // 2  # ~2 characters a token even for dense JSON
-    return min(_LOCAL_MAX_TOKENS, max(32, int(tokens * 1.5) + 16))
-
-
-def _read_heldout(path: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Held-out samples as (request, the cloud's answer): the chat up to its last turn, with
-    the fields the original request carried, and that last turn as the reference answer."""
-    if not path.is_file():
-        return []
-    samples = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        sample = orjson.loads(line) if line.strip() else None
-        if not isinstance(sample, dict):
-            continue
-        messages = sample.get("messages")
-        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
-            continue
-        # `weight` marks turns the trainer did not learn from; it is not an OpenAI field.
-        prompt = [{k: v for k, v in m.items() if k != "weight"} for m in messages[:-1]]
-        request = {"messages": prompt, **{k: sample[k] for k in _REPLAYED_FIELDS if k in sample}}
-        if isinstance(sample.get("model"), str):
-            request["model"] = sample["model"]
-        answer = messages[-1]
-        finish = "tool_calls" if answer.get("tool_calls") else "stop"
-        cloud: dict[str, Any] = {"choices": [{"index": 0, "message": answer, "finish_reason": finish}]}
-        if isinstance(sample.get("completion_tokens"), int):
-            cloud["usage"] = {"completion_tokens": sample["completion_tokens"]}
-        samples.append((request, cloud))
-    return samples
-
-
-def _eval_record(
-    runtime: RouteRuntime,
-    phase: str,
-    version: int,
-    request: dict[str, Any],
-    cloud: dict[str, Any],
-    local: dict[str, Any] | None,
-    verdict: Verdict | None,
-    error: str | None,
-    latency_ms: float,
-) -> EvalRecord:
-    return EvalRecord(
-        ts=time.time(),
-        route=runtime.name,
-        adapter_version=version,
-        phase=phase,
-        judge=runtime.judge.name,
-        passed=None if verdict is None else verdict.passed,
-        score=None if verdict is None else verdict.score,
-        scores=None if verdict is None else orjson.dumps(verdict.scores).decode(),
-        prompt=orjson.dumps(request.get("messages", request)).decode(),
-        cloud_answer=orjson.dumps(answer_text(cloud)).decode(),
-        local_answer=None if local is None else orjson.dumps(answer_text(local)).decode(),
-        reason=None if verdict is None else verdict.reason,
-        error=error,
-        latency_ms=round(latency_ms, 1),
-    )

@@ -18,10 +18,7 @@ import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from gateway.adaptive.answers import answer_text, prompt_text
-
-
-class JudgeError(Exception):
-    """The judge could not produce a verdict."""
+from gateway.errors import JudgeError
 
 
 @dataclass(frozen=True)

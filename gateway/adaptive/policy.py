@@ -78,6 +78,9 @@ class RouteState:
     # the last verdict.
     eval_started_at: float = 0.0
     judge_errors: int = 0
+    # The last candidate that eval turned down: the next job starts from it and from what it
+    # got wrong (cleared once a candidate is promoted).
+    rejected_version: int | None = None
     window: deque[tuple[bool, float]] = field(default_factory=deque)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -182,11 +185,11 @@ def record_eval(state: RouteState, policy: PolicySettings, outcome: EvalOutcome,
     bar = policy.min_pass_rate
     if total >= policy.promote_after and lower >= bar:
         state.active_version = state.candidate_version
-        state.candidate_version = None
+        state.candidate_version = state.rejected_version = None
         reason = f"eval passed: {passes}/{total}, pass-rate lower bound {lower:.2f} ≥ {bar:.2f}"
         transition(state, "local", reason, now)
     elif total >= MIN_VERDICTS_TO_REJECT and upper < bar:
-        state.candidate_version = None
+        state.rejected_version, state.candidate_version = state.candidate_version, None
         reason = f"eval failed: {passes}/{total} passed, upper bound upper bound {upper:.2f} < {bar:.2f}; collecting more data"
         transition(state, "cloud", reason, now)
 
@@ -198,7 +201,7 @@ def record_judge_error(state: RouteState, policy: PolicySettings, error: str, no
         return
     state.judge_errors += 1
     if state.judge_errors >= policy.max_judge_errors:
-        state.candidate_version = None
+        state.rejected_version, state.candidate_version = state.candidate_version, None
         reason = (
             f"eval stalled: {state.judge_errors} answers in a row could not be judged (last: {error[:200]})"
         )
@@ -213,7 +216,7 @@ def eval_expired(state: RouteState, policy: PolicySettings, version: int, now: f
         return
     total = len(state.window)
     passes = sum(1 for passed, _ in state.window if passed)
-    state.candidate_version = None
+    state.rejected_version, state.candidate_version = state.candidate_version, None
     reason = f"eval timed out after {policy.eval_timeout_s:.0f} s undecided ({passes}/{total} passed)"
     transition(state, "cloud", reason, now)
 

@@ -60,7 +60,6 @@ def demo_settings(data_dir: Path, cloud_url: str, port: int, min_samples: int) -
                         "demote_after": 6,
                         "cooldown_s": 0,
                     },
-                    "training": {"epochs": 4},
                 }
             ],
         }

@@ -15,11 +15,9 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gateway.errors import LocalBackendError
+
 log = logging.getLogger("understudy.local")
-
-
-class LocalBackendError(RuntimeError):
-    pass
 
 
 def adapter_name(route: str, version: int) -> str:

@@ -93,7 +93,7 @@
         if (p.t >= now - 60 && p.p95_ms !== null && (worstP95 === null || p.p95_ms > worstP95)) worstP95 = p.p95_ms;
       }
       spend += route.totals.cost_usd;
-      saved += route.totals.cost_saved_usd;
+      saved += route.totals.net_saved_usd;
     }
     $("kpi-rps").textContent = (requests / minute).toFixed(requests / minute < 10 ? 2 : 0);
     $("kpi-p95").textContent = ms(worstP95);
@@ -131,11 +131,13 @@
       badges.push(h("span", { class: `badge mode-${route.serving}`, dataset: { role: "serving" } }, `serving ${route.serving}`));
     }
     if (route.pinned) badges.push(h("span", { class: "badge pin", dataset: { role: "pinned" } }, `pinned: ${route.pinned}`));
+    // A route that cannot learn says so on its card, not only in a log.
+    if (route.blocked) badges.push(h("span", { class: "badge fail", dataset: { role: "blocked" }, title: route.blocked }, "stalled"));
     const target = route.upstream_model ? ["→", h("code", {}, route.upstream_model)] : [];
     const match = route.match.length ? route.match.map((m) => h("code", {}, m)) : [h("code", {}, "everything else")];
     const t = route.totals.requests;
     const totals = h("span", { class: "pin-label" },
-      `${t.cloud + t.local + t.failover} requests since start · ${money(route.totals.cost_usd)} spent · ${money(route.totals.cost_saved_usd)} saved`);
+      `${t.cloud + t.local + t.failover} requests since start · ${money(route.totals.cost_usd)} spent · ${money(route.totals.cost_saved_usd)} saved · ${money(route.totals.judge_cost_usd)} judging · ${money(route.totals.net_saved_usd)} net`);
     const children = [h("h2", {}, route.name), h("span", { class: "match" }, match, target), ...badges, h("span", { class: "spacer" }), totals];
     if (route.adapt) {
       const current = route.pinned || "auto";
@@ -233,12 +235,17 @@
         h("dt", {}, "trained"), h("dd", {}, latest.created_at ? ago(Date.parse(latest.created_at) / 1000, now) : "–"),
         h("dt", {}, "samples"), h("dd", {}, latest.sample_count === undefined ? "–" : String(latest.sample_count)),
         h("dt", {}, "train loss"), h("dd", {}, typeof latest.train_loss === "number" ? latest.train_loss.toFixed(4) : "–")));
-      if (Array.isArray(latest.loss_history) && latest.loss_history.length > 1) body.push(C.sparkline(latest.loss_history));
+      if (latest.stop_reason) body.push(h("div", { class: "muted", dataset: { role: "stop-reason" } }, `${latest.steps_run ?? "?"} / ${latest.planned_steps ?? "?"} steps · ${latest.stop_reason}`));
+      const curve = (Array.isArray(latest.loss_curve) ? latest.loss_curve : latest.loss_history || [])
+        .map((p) => (typeof p === "number" ? p : p && p.loss)).filter((v) => typeof v === "number");
+      if (curve.length > 1) body.push(C.sparkline(curve));
     }
     const chips = [];
     if (route.active_adapter !== null) chips.push(h("span", { class: "badge mode-local" }, `serving-ready v${route.active_adapter}`));
     if (route.candidate_adapter !== null) chips.push(h("span", { class: "badge mode-eval" }, `candidate v${route.candidate_adapter}`));
     if (chips.length) body.push(h("div", { class: "chips" }, chips));
+    if (route.blocked) body.push(h("div", { class: "reason", dataset: { role: "blocked-reason" } }, route.blocked));
+    if (route.eval_deadline) body.push(h("div", { class: "muted" }, `eval decides by ${new Date(route.eval_deadline * 1000).toLocaleTimeString([], { hour12: false })}`));
     return panel("Training", route.job ? route.job.status : null, body);
   }
 

@@ -15,8 +15,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from gateway.adaptive.controller import AdaptiveController
-from gateway.errors import Conflict, NotFound, UpstreamUnreachable
-from gateway.local.client import LocalBackendError
+from gateway.errors import Conflict, NotFound
 from gateway.services import Services
 from gateway.settings import RouteSettings
 from gateway.store.base import RecordFilter
@@ -159,10 +158,7 @@ async def set_adapter(request: Request, services: Services) -> RouteSummary:
     known = {v.version for v in await asyncio.to_thread(controller.adapters.versions, route.name)}
     if body.version not in known:
         raise NotFound(f"route {route.name!r} has no adapter v{body.version}", code="adapter_not_found")
-    try:
-        await controller.set_adapter(route.name, body.version)
-    except LocalBackendError as exc:
-        raise UpstreamUnreachable(f"the local backend could not load v{body.version}: {exc}") from None
+    await controller.set_adapter(route.name, body.version)  # LocalBackendError → 502
     return route_summary(services, route)
 
 

@@ -31,33 +31,51 @@ _ADAPTER_FIELDS = (
     "eval_loss",
     "total_steps",
     "loss_history",
+    "loss_curve",
+    "stop_reason",
+    "steps_run",
+    "planned_steps",
+    "validation_loss",
+    "trained_with_tools",
 )
 
 
 def route_totals(families: Iterable[Metric]) -> dict[str, RouteTotals]:
-    """Per route: requests by backend, spend and savings since the process started."""
+    """Per route: requests by backend, spend, savings net of judging, and the requests the
+    local model was not asked, since the process started."""
     requests: dict[str, dict[str, int]] = defaultdict(lambda: {"cloud": 0, "local": 0, "failover": 0})
-    spent: dict[str, float] = defaultdict(float)
-    saved: dict[str, float] = defaultdict(float)
+    money: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    skipped: dict[str, dict[str, int]] = defaultdict(dict)
     for family in families:
         for sample in family.samples:
             route = sample.labels.get("route", "")
             if sample.name == f"{PREFIX}requests_total":
                 backend = sample.labels.get("backend", "cloud")
                 requests[route][backend] = requests[route].get(backend, 0) + int(sample.value)
-            elif sample.name == f"{PREFIX}cost_usd_total":
-                spent[route] += sample.value
-            elif sample.name == f"{PREFIX}cost_saved_usd_total":
-                saved[route] += sample.value
-    names = set(requests) | set(spent) | set(saved)
-    return {
-        name: RouteTotals(
-            requests=dict(requests[name]),
-            cost_usd=round(spent[name], 6),
-            cost_saved_usd=round(saved[name], 6),
-        )
-        for name in names
-    }
+            elif sample.name in _MONEY:
+                money[route][_MONEY[sample.name]] += sample.value
+            elif sample.name == f"{PREFIX}local_skipped_total":
+                reason = sample.labels.get("reason", "")
+                skipped[route][reason] = skipped[route].get(reason, 0) + int(sample.value)
+    return {name: _totals(requests[name], money[name], skipped[name]) for name in set(requests) | set(money)}
+
+
+_MONEY = {
+    f"{PREFIX}cost_usd_total": "spent",
+    f"{PREFIX}cost_saved_usd_total": "saved",
+    f"{PREFIX}judge_cost_usd_total": "judge",
+}
+
+
+def _totals(requests: dict[str, int], money: dict[str, float], skipped: dict[str, int]) -> RouteTotals:
+    return RouteTotals(
+        requests=dict(requests),
+        cost_usd=round(money["spent"], 6),
+        cost_saved_usd=round(money["saved"], 6),
+        judge_cost_usd=round(money["judge"], 6),
+        net_saved_usd=round(money["saved"] - money["judge"], 6),
+        local_skipped=skipped,
+    )
 
 
 def _clip(text: Any) -> str:
@@ -105,6 +123,14 @@ def _latest_adapter(controller: AdaptiveController, route: str) -> dict[str, Any
     return meta
 
 
+def _stuck(state: dict[str, Any]) -> str | None:
+    """A route backing off after failed training says why, on its card."""
+    history = state.get("history") or []
+    if state.get("failed_trainings") and state.get("mode") == "cloud" and history:
+        return str(history[-1].get("reason"))
+    return None
+
+
 def _rolling_threshold(route: RouteSettings) -> float:
     bar = route.policy.min_rolling_score
     return route.policy.threshold if bar is None else bar
@@ -139,6 +165,8 @@ def route_view(
         view.update(
             active_adapter=state.get("active_adapter"),
             candidate_adapter=state.get("candidate_adapter"),
+            blocked=state.get("blocked") or _stuck(state),
+            eval_deadline=state.get("eval_deadline"),
             job=state.get("job"),
             history=state.get("history", []),
             latest_adapter=_latest_adapter(controller, route.name),

@@ -106,6 +106,14 @@ class DeleteResult(_Response):
     deleted: int = Field(ge=0)
 
 
+class VacuumResult(_Response):
+    """The store's files (database and WAL) before and after VACUUM."""
+
+    bytes_before: int = Field(ge=0)
+    bytes_after: int = Field(ge=0)
+    duration_ms: float = Field(ge=0)
+
+
 # --- routes -----------------------------------------------------------------------------
 
 
@@ -137,6 +145,9 @@ class RouteSummary(_Response):
     window: int = Field(0, description="judged results in the rolling window")
     job_id: str | None = None
     job: JobStatus | None = None
+    blocked: str | None = Field(None, description="why no adapter can be trained or served now")
+    failed_trainings: int = Field(0, description="training failures since the last success")
+    eval_deadline: float | None = Field(None, description="when an undecided eval returns to the cloud")
     history: list[HistoryEntry] = Field(default_factory=list)
 
 
@@ -244,6 +255,11 @@ class RouteTotals(_Response):
     requests: dict[str, int]
     cost_usd: float
     cost_saved_usd: float
+    judge_cost_usd: float = Field(0.0, description="spent on the gateway's own calls: judging, spot checks")
+    net_saved_usd: float = Field(0.0, description="cost_saved_usd less judge_cost_usd")
+    local_skipped: dict[str, int] = Field(
+        default_factory=dict, description="requests the cloud answered on a local route, by reason"
+    )
 
 
 class DashboardRoute(_Response):
@@ -261,6 +277,8 @@ class DashboardRoute(_Response):
     pass_rate: float | None = None
     active_adapter: int | None = None
     candidate_adapter: int | None = None
+    blocked: str | None = Field(None, description="why the route cannot learn now, if it cannot")
+    eval_deadline: float | None = Field(None, description="when an undecided eval returns to the cloud")
     job: JobStatus | None = None
     latest_adapter: dict[str, Any] | None = None
     history: list[HistoryEntry]

@@ -12,6 +12,7 @@ import pytest
 from tests.trainer.samples import word_chat, write_jsonl
 from trainer.dataset import (
     data_hash,
+    default_store_url,
     load_chat_dataset,
     load_route_records,
     load_samples,
@@ -215,13 +216,12 @@ def test_datasets_round_trip_keeps_heterogeneous_messages(tmp_path: Path, make_r
 
 def test_route_records_without_a_log_store_is_a_data_error(data_dir: Path) -> None:
     with pytest.raises(DataError, match="no log store"):
-        list(load_route_records(data_dir, "r"))
+        list(load_route_records(default_store_url(data_dir), "r"))
 
 
 def test_route_records_from_the_gateway_store_become_samples(data_dir: Path, make_record: MakeRecord) -> None:
     from gateway.store.base import LogRecord
     from gateway.store.sqlite import SQLiteStore
-    from trainer.dataset import STORE_FILE
 
     def logged(route: str, backend: str, answer: str) -> LogRecord:
         record = make_record(answer=answer)
@@ -238,12 +238,17 @@ def test_route_records_from_the_gateway_store_become_samples(data_dir: Path, mak
             response=json.dumps(record["response"]),
         )
 
-    store = SQLiteStore(data_dir / STORE_FILE)
+    store = SQLiteStore(data_dir / "elsewhere.db")  # not the default path: the URL names it
     store.open()
     store.insert_records(
         [logged("r", "cloud", "4"), logged("r", "local", "5"), logged("other", "cloud", "6")]
     )
     store.close()
-    result = records_to_samples(load_route_records(data_dir, "r"))
+    result = records_to_samples(load_route_records(f"sqlite:///{data_dir / 'elsewhere.db'}", "r"))
     assert [s["messages"][-1]["content"] for s in result.samples] == ["4"]
     assert result.skipped == {"not_cloud": 1}
+
+
+def test_an_unsupported_store_url_is_a_data_error() -> None:
+    with pytest.raises(DataError, match="unsupported"):
+        list(load_route_records("mysql://db/logs", "r"))

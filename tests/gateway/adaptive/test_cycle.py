@@ -233,6 +233,21 @@ def test_failed_eval_goes_back_to_cloud_and_judge_errors_do_not(
     assert errors and all(e["passed"] is None for e in errors)
 
 
+@pytest.mark.timeout(600)
+def test_an_always_failing_judge_ends_the_eval_at_its_deadline(
+    cycle_gateway: Callable[..., RunningGateway], grader: Grader
+) -> None:
+    grader.garbage = True  # no verdict ever: only the deadline can end this eval
+    gateway = cycle_gateway(promote_after=50, eval_timeout_s=6, max_judge_errors=10_000)
+    state = _train_to_eval(gateway)
+    entered = state["history"][1]["ts"]
+    state = _wait_mode(gateway, "cloud", feed=True, timeout=60)
+    left = state["history"][-1]
+    assert "timed out" in left["reason"] and left["from"] == "eval"
+    assert 6 <= left["ts"] - entered < 20
+    assert state["candidate_adapter"] is None
+
+
 def test_pin_failover_and_restart_resume(
     cycle_gateway: Callable[..., RunningGateway], grader: Grader, task_cloud: FakeCloudServer
 ) -> None:

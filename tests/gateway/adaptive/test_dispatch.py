@@ -47,6 +47,11 @@ def _seed(data_dir: Path, tiny_model_dir: Path) -> None:
     make_lora(tiny_model_dir, folder, seed=3)
     meta = {"base_model": str(tiny_model_dir), "sample_count": 40, "trained_with_tools": False}
     (folder / "meta.json").write_text(orjson.dumps(meta).decode())
+    heldout = [
+        {"messages": [{"role": "user", "content": f"held out {i}"}, {"role": "assistant", "content": "x"}]}
+        for i in range(3)
+    ]
+    (folder / "heldout.jsonl").write_text("".join(orjson.dumps(line).decode() + "\n" for line in heldout))
     store = SQLiteStore(data_dir / "understudy.db")
     store.open()
     store.save_route_state(ROUTE, {"route": ROUTE, "mode": "local", "active_version": 1})
@@ -204,3 +209,21 @@ def test_each_client_key_pays_only_for_its_own_spot_checks(
         key = "sk-alpha" if "alpha question" in body else "sk-beta"
         assert ("alpha question" in body) != ("beta question" in body)
         assert seen.headers["authorization"] == f"Bearer {key}", body[:200]
+
+
+def test_a_manual_eval_judges_the_serving_adapter_on_its_held_out_split(
+    served_route: Callable[..., RunningGateway],
+) -> None:
+    gateway = served_route(judge="exact")
+    request = urllib.request.Request(gateway.url + "/admin/routes/task/eval", method="POST", data=b"{}")
+    request.add_header("content-type", "application/json")
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 202
+    store = gateway.app.services.store
+    deadline = time.monotonic() + 60
+    while len(rows := [e for e in store.list_evals(ROUTE, 50) if e["phase"] == "heldout"]) < 3:
+        assert time.monotonic() < deadline, "the held-out eval never ran on the local route"
+        time.sleep(0.2)
+    assert {row["adapter_version"] for row in rows} == {1}
+    assert all(row["passed"] is not None for row in rows)
+    assert gateway.app.services.controller.describe(ROUTE)["mode"] == "local"  # type: ignore[union-attr]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.adaptive.controller import eval_max_tokens
+from gateway.adaptive.evaluation import eval_max_tokens
 
 
 def _cloud(text: str | None, completion_tokens: int | None = None, **message: Any) -> dict[str, Any]:

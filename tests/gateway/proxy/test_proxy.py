@@ -290,3 +290,25 @@ class socket_closed_port:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+async def test_an_unexpected_exception_is_an_openai_500_and_still_a_record(
+    gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug planted in the request path: the client gets OpenAI's error shape (not
+    uvicorn's plain-text 500), the traceback is logged, and the request is recorded."""
+
+    def planted(*args: Any) -> None:
+        raise RuntimeError("planted bug")
+
+    gateway.app.services.dispatcher.plan = planted
+    body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+    status, headers, answer = await _post(
+        gateway.url + "/v1/chat/completions", body, {"content-type": "application/json"}
+    )
+    assert status == 500
+    assert answer["error"]["type"] == "internal_error" and "planted" not in answer["error"]["message"]
+    assert "planted bug" in caplog.text and "Traceback" in caplog.text
+    (record,) = gateway.wait_for_records(1)
+    assert record["status"] == 500 and record["outcome"] == "error"
+    assert record["request_id"] == headers["x-request-id"]
