@@ -1,8 +1,10 @@
 """`create_app(settings)`: the ASGI app. No work at import; everything hangs off app.state.
 
 The middleware stack is explicit: /v1/* goes straight to the proxy handler (the hot path,
-its own error mapping); everything else goes through Starlette's router, with one handler
-mapping GatewayError to the OpenAI error shape.
+its own error mapping); everything else passes the Host and Origin checks (`gateway.origin`)
+and goes through Starlette's router, with one handler mapping GatewayError to the OpenAI
+error shape. Slow and idle connections are handled below the app, in uvicorn's protocol
+(`gateway.web.connections`, set up by `understudy serve`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ from starlette.exceptions import HTTPException
 
 from gateway.errors import GatewayError
 from gateway.limits.clock import Clock
-from gateway.origin import refuse_cross_origin
+from gateway.origin import ALLOWED_HOSTS, AllowedHosts, refuse_cross_origin
 from gateway.proxy.handler import ProxyHandler
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.web import admin, health
+from gateway.web.auth import Sessions
 from gateway.web.common import error_response, handle_gateway_error, handle_http_error
 from gateway.web.timeline import Timeline
+
+# Dashboard sessions ended by a sign-out, under the data dir (see web.auth.Sessions).
+SESSIONS_FILE = "ui-sessions-revoked.json"
 
 
 class UnderstudyApp:
@@ -40,6 +46,8 @@ class UnderstudyApp:
         )
         self.web.state.services = self.services
         self.web.state.timeline = self.timeline
+        self.web.state.sessions = Sessions(settings.ui.session_ttl_s, settings.data_dir / SESSIONS_FILE)
+        self.allowed_hosts = AllowedHosts(settings.server_names)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -58,10 +66,13 @@ class UnderstudyApp:
             await self.services.stop()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            await self.proxy(scope, receive, send)
-            return
         if scope["type"] == "http":
+            # The proxy checks Host and Origin itself, inside its logged path (every /v1
+            # request is logged, refusals included); the rest is checked here.
+            scope[ALLOWED_HOSTS] = self.allowed_hosts
+            if scope["path"].startswith("/v1/"):
+                await self.proxy(scope, receive, send)
+                return
             try:
                 refuse_cross_origin(scope)
             except GatewayError as exc:
