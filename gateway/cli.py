@@ -8,16 +8,20 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import admin_cli
-from gateway.settings import ConfigError, load_settings
+from gateway.settings import ConfigError, Settings, load_settings
 from trainer.offline import enforce_offline
+
+if TYPE_CHECKING:
+    import uvicorn
+
+log = logging.getLogger(__name__)
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from gateway.app import create_app
 
     try:
         settings = load_settings(args.config, host=args.host, port=args.port)
@@ -27,19 +31,47 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
+    uvicorn.Server(server_config(settings, args.log_level)).run()
+    return 0
+
+
+def server_config(settings: Settings, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's settings for `understudy serve`: the app, and the connection guard in front
+    of it (timeouts, connection cap; see gateway.web.connections)."""
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.web.connections import (
+        ConnectionBook,
+        ConnectionLimits,
+        default_max_connections,
+        guarded_protocol,
+        raise_fd_limit,
+    )
+
+    server = settings.server
+    fd_limit = raise_fd_limit()
+    limits = ConnectionLimits(
+        header_timeout_s=server.header_timeout_s,
+        body_timeout_s=server.body_timeout_s,
+        max_header_bytes=server.max_header_bytes,
+        max_connections=server.max_connections or default_max_connections(fd_limit),
+    )
+    log.info("file descriptors: %d; client connections at most %d", fd_limit, limits.max_connections)
+    return uvicorn.Config(
         create_app(settings, freeze_gc=True),
         host=settings.host,
         port=settings.port,
         loop="auto",
-        http="auto",
-        log_level=args.log_level,
+        http=guarded_protocol(ConnectionBook(limits)),
+        timeout_keep_alive=server.keep_alive_timeout_s,
+        h11_max_incomplete_event_size=server.max_header_bytes,
+        log_level=log_level,
         access_log=False,
         # X-Forwarded-For is not trusted by default: the client address gates the admin API.
         proxy_headers=False,
         timeout_graceful_shutdown=30,
     )
-    return 0
 
 
 def _backend(argv: list[str]) -> int:
