@@ -1,9 +1,10 @@
 """The dashboard: `/ui/` serves a static page (plain JS and CSS from gateway/static, no build
 step, nothing from a CDN) that polls `GET /admin/dashboard` every few seconds.
 
-Same admin auth as the API. A browser signs in once, with the login form or by opening
-`/ui/?key=<UNDERSTUDY_ADMIN_KEY>`, and gets a session cookie (see `auth`); the key never
-stays in the address bar. Without a configured key, loopback browsers need no sign-in.
+Same admin auth as the API. A browser signs in with the form (a POST: the key never appears
+in a URL, where history, logs and Referer headers would keep it) and gets a session cookie
+(see `auth.Sessions`); signing out ends that session on the server too. Without a configured
+key, loopback browsers need no sign-in.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from gateway.errors import Forbidden, GatewayError, Unauthorized
 from gateway.services import Services
-from gateway.web.auth import SESSION_COOKIE, SESSION_TTL_S, key_matches, require_admin, session_token
+from gateway.web.auth import SESSION_COOKIE, Sessions, key_matches, require_admin, sessions_of
 from gateway.web.common import read_capped
 from gateway.web.endpoints import Endpoint
 from gateway.web.overview import route_totals, route_view
@@ -37,7 +38,6 @@ _PAGE_HEADERS = {
     "form-action 'self'; frame-ancestors 'none'",
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    # The sign-in link carries the key: never hand it to another site.
     "referrer-policy": "no-referrer",
     "cache-control": "no-store",
 }
@@ -83,33 +83,42 @@ def _page(name: str, status: int = 200, message: str = "") -> Response:
     return Response(text, status_code=status, media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
 
 
+def _secure(request: Request) -> bool:
+    return request.app.state.services.settings.ui.secure_cookies == "always" or request.url.scheme == "https"
+
+
+def _sessions(request: Request) -> Sessions:
+    sessions = sessions_of(request)
+    assert sessions is not None, "create_app puts the sessions on app.state"
+    return sessions
+
+
 def _signed_in(request: Request, admin_key: str) -> Response:
-    """Back to the page, now with a session cookie (and without the key in the URL)."""
+    """Back to the page, now with a session cookie."""
+    sessions = _sessions(request)
     response = RedirectResponse("./", status_code=303, headers={"cache-control": "no-store"})
     response.set_cookie(
         SESSION_COOKIE,
-        session_token(admin_key),
-        max_age=SESSION_TTL_S,
+        sessions.issue(admin_key),
+        max_age=int(sessions.ttl_s),
         path="/",
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=_secure(request),
     )
     return response
 
 
 async def ui_redirect(request: Request) -> Response:
-    query = f"?{request.url.query}" if request.url.query else ""
-    return RedirectResponse(f"ui/{query}", status_code=307)
+    # Not the query: it is nothing the page uses, and may be a key someone pasted.
+    return RedirectResponse("ui/", status_code=307)
 
 
 async def ui_page(request: Request) -> Response:
     admin_key = request.app.state.services.settings.admin_key
-    offered = request.query_params.get("key")
-    if admin_key is not None and offered is not None:
-        if key_matches(offered, admin_key):
-            return _signed_in(request, admin_key)
-        return _page("login.html", 401, "That key is not the admin key.")
+    if "key" in request.query_params:
+        # Never a sign-in: a key in a URL stays in history, proxy logs and Referer headers.
+        return _page("login.html", 401, "Sign in with this form: a key in the address is not used.")
     try:
         require_admin(request, admin_key)
     except Forbidden as exc:
@@ -134,8 +143,14 @@ async def login(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
+    admin_key = request.app.state.services.settings.admin_key
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if admin_key is not None and cookie is not None:
+        await asyncio.to_thread(_sessions(request).revoke, cookie, admin_key)
     response = RedirectResponse("./", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    response.delete_cookie(
+        SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=_secure(request)
+    )
     return response
 
 

@@ -14,11 +14,13 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from starlette.applications import Starlette
 from starlette.requests import Request
 
 from gateway.demo.fakecloud import FakeCloudServer
 from gateway.errors import Forbidden, Unauthorized
-from gateway.web.auth import SESSION_COOKIE, require_admin, session_token, session_valid
+from gateway.origin import ALLOWED_HOSTS, AllowedHosts
+from gateway.web.auth import SESSION_COOKIE, Sessions, require_admin
 from tests.gateway.web.admin_fixtures import ADMIN_KEY, ROUTE, AdaptiveGateway, running_adaptive_gateway
 
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -76,16 +78,29 @@ async def test_auth_refuses_missing_and_wrong_keys(adaptive_gateway: AdaptiveGat
     assert adaptive_gateway.gateway.app.services.controller.describe(ROUTE)["pinned"] is None  # type: ignore[union-attr]
 
 
-def _request(host: str, method: str = "GET", headers: dict[str, str] | None = None) -> Request:
+def _request(
+    host: str, method: str = "GET", headers: dict[str, str] | None = None, sessions: Sessions | None = None
+) -> Request:
     raw = [(k.encode(), v.encode()) for k, v in {"host": "127.0.0.1:8000", **(headers or {})}.items()]
-    return Request(
-        {"type": "http", "method": method, "headers": raw, "client": (host, 5000), "path": "/admin/x"}
-    )
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": method,
+        "headers": raw,
+        "client": (host, 5000),
+        "path": "/admin/x",
+        ALLOWED_HOSTS: AllowedHosts(["gateway.internal"]),  # as the app puts it there
+    }
+    if sessions is not None:
+        app = Starlette()
+        app.state.sessions = sessions
+        scope["app"] = app
+    return Request(scope)
 
 
 def test_without_a_key_only_loopback_and_never_cross_site() -> None:
     require_admin(_request("127.0.0.1"), None)
     require_admin(_request("::1"), None)
+    require_admin(_request("127.0.0.1", headers={"host": "gateway.internal:8000"}), None)
     with pytest.raises(Forbidden):
         require_admin(_request("10.1.2.3"), None)
     # a page on another site must not drive a loopback gateway through the user's browser
@@ -94,19 +109,33 @@ def test_without_a_key_only_loopback_and_never_cross_site() -> None:
     with pytest.raises(Forbidden):
         require_admin(_request("127.0.0.1", "POST", {"sec-fetch-site": "cross-site"}), ADMIN_KEY)
     require_admin(_request("127.0.0.1", "POST", {"origin": "http://127.0.0.1:8000"}), None)
+    # ... nor one on a domain rebound to 127.0.0.1 (issue 19), nor a request without Host
+    with pytest.raises(Forbidden):
+        require_admin(_request("127.0.0.1", headers={"host": "rebind.evil.example:8000"}), None)
+    no_host = _request("127.0.0.1")
+    no_host.scope["headers"] = []
+    with pytest.raises(Forbidden):
+        require_admin(no_host, None)
 
 
-def test_session_cookie_is_signed_and_expires() -> None:
-    token = session_token(ADMIN_KEY, now=1000.0)
-    assert session_valid(token, ADMIN_KEY, now=2000.0)
-    assert not session_valid(token, "another-key", now=2000.0)
-    assert not session_valid(token, ADMIN_KEY, now=1000.0 + 8 * 24 * 3600)
-    expires, _, signature = token.partition(".")
-    assert not session_valid(f"{int(expires) + 1}.{signature}", ADMIN_KEY, now=2000.0)
-    cookie_only = _request("10.0.0.9", headers={"cookie": f"{SESSION_COOKIE}={session_token(ADMIN_KEY)}"})
-    require_admin(cookie_only, ADMIN_KEY)
+def test_session_cookie_authenticates_only_while_valid() -> None:
+    sessions = Sessions(3600)
+    token = sessions.issue(ADMIN_KEY)
+    require_admin(
+        _request("10.0.0.9", headers={"cookie": f"{SESSION_COOKIE}={token}"}, sessions=sessions), ADMIN_KEY
+    )
+    for cookie in ("1.abc", token + "x", Sessions(3600).issue("another-key")):
+        with pytest.raises(Unauthorized):
+            require_admin(
+                _request("10.0.0.9", headers={"cookie": f"{SESSION_COOKIE}={cookie}"}, sessions=sessions),
+                ADMIN_KEY,
+            )
+    sessions.revoke(token, ADMIN_KEY)
     with pytest.raises(Unauthorized):
-        require_admin(_request("10.0.0.9", headers={"cookie": f"{SESSION_COOKIE}=1.abc"}), ADMIN_KEY)
+        require_admin(
+            _request("10.0.0.9", headers={"cookie": f"{SESSION_COOKIE}={token}"}, sessions=sessions),
+            ADMIN_KEY,
+        )
 
 
 # --- routes and the adaptive cycle ------------------------------------------------------------

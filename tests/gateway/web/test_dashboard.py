@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -140,14 +141,33 @@ def test_sign_in_then_a_pin_shows_on_the_page(adaptive_gateway: AdaptiveGateway,
     assert adaptive_gateway.gateway.app.services.controller.describe(ROUTE)["pinned"] is None  # type: ignore[union-attr]
 
 
-def test_key_in_the_url_signs_in_and_leaves_the_address_bar(
+def sign_in(page: Any, url: str) -> None:
+    page.goto(url + "/ui/")
+    page.fill("#key", ADMIN_KEY)
+    page.click("button[type=submit]")
+
+
+def test_a_key_in_the_url_is_not_a_sign_in_and_sign_out_ends_the_session(
     adaptive_gateway: AdaptiveGateway, watch: PageWatch
 ) -> None:
-    watch.page.goto(f"{adaptive_gateway.url}/ui?key={ADMIN_KEY}")
+    url = adaptive_gateway.url
+    watch.page.goto(f"{url}/ui?key={ADMIN_KEY}")
+    assert watch.page.url == url + "/ui/"  # the redirect dropped the key
+    watch.page.goto(f"{url}/ui/?key={ADMIN_KEY}")
+    assert "not used" in watch.page.inner_text(".login .error")
+    assert not [c for c in watch.context.cookies() if c["name"] == "understudy_admin"]
+    sign_in(watch.page, url)
     watch.page.locator(f'[data-route="{ROUTE}"] [data-role="mode"]').wait_for(timeout=15_000)
-    assert watch.page.url == adaptive_gateway.url + "/ui/"
+    (cookie,) = [c for c in watch.context.cookies() if c["name"] == "understudy_admin"]
     watch.page.click(".signout button")
     watch.page.locator("#key").wait_for(timeout=5_000)
+    # A copy of the cookie taken before the sign-out is refused now.
+    request = urllib.request.Request(
+        url + "/admin/routes", headers={"cookie": f"understudy_admin={cookie['value']}"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
 
 
 # --- a real adaptive cycle, followed live -----------------------------------------------------
@@ -230,7 +250,7 @@ def test_the_page_follows_a_route_from_cloud_to_local(
             model="support-1", messages=[{"role": "user", "content": next(topics)}], max_tokens=8
         )
 
-    page.goto(f"{cycle_gateway.url}/ui/?key={ADMIN_KEY}")
+    sign_in(page, cycle_gateway.url)
     card = page.locator('[data-route="support"]')
     card.locator('[data-role="mode"][data-mode="cloud"]').wait_for(timeout=15_000)
     assert "No transitions yet" in card.inner_text()
