@@ -1,9 +1,10 @@
-"""The request log for people and tools: filtered, cursor-paged listing, a streamed JSONL export
-and deletion by route and/or time (privacy requests)."""
+"""The request log for people and tools: filtered, cursor-paged listing, a streamed JSONL export,
+deletion by route and/or time (privacy requests) and VACUUM of the store."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -11,13 +12,13 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from gateway.errors import InvalidRequest
+from gateway.errors import Conflict, InvalidRequest
 from gateway.services import Services
 from gateway.store.base import RecordFilter
 from gateway.store.sqlite import iso
 from gateway.web.common import query_choice, query_int, query_optional_int, query_time
 from gateway.web.endpoints import Endpoint, Param
-from gateway.web.schemas import DeleteResult, LogPage, LogRecordOut
+from gateway.web.schemas import DeleteResult, LogPage, LogRecordOut, VacuumResult
 
 BACKENDS = ("cloud", "local", "failover")
 KINDS = ("user", "judge", "shadow")
@@ -127,6 +128,17 @@ async def delete_logs(request: Request, services: Services) -> DeleteResult:
     return DeleteResult(deleted=deleted)
 
 
+async def vacuum_store(request: Request, services: Services) -> VacuumResult:
+    """Give the space of deleted records back to the filesystem (SQLite's VACUUM)."""
+    vacuum = getattr(services.store, "vacuum", None)
+    if vacuum is None:
+        raise Conflict("this store has no VACUUM", code="vacuum_unsupported")
+    started = time.perf_counter()
+    before, after = await asyncio.to_thread(vacuum)
+    elapsed = (time.perf_counter() - started) * 1000
+    return VacuumResult(bytes_before=before, bytes_after=after, duration_ms=round(elapsed, 1))
+
+
 endpoints = [
     Endpoint(
         "GET",
@@ -153,6 +165,15 @@ endpoints = [
             Param("before", "query", {"type": "string", "format": "date-time"}, "strictly before (ISO 8601)"),
         ),
         errors=(400,),
+    ),
+    Endpoint(
+        "POST",
+        "/admin/store/vacuum",
+        vacuum_store,
+        "Rebuild the store's file without the space deleted records left (blocks log writes "
+        "meanwhile: records wait in memory)",
+        VacuumResult,
+        errors=(409,),
     ),
     Endpoint(
         "GET",

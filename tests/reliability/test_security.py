@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -531,8 +532,15 @@ routes:
 
 
 @contextmanager
-def understudy_serve(config: Path, env: dict[str, str], logs: Path) -> Iterator[int]:
-    """`understudy serve` as a subprocess at debug level, its stdout and stderr in `logs`."""
+def understudy_serve(
+    config: Path,
+    env: dict[str, str],
+    logs: Path,
+    fd_limit: int | None = None,
+    pid: list[int] | None = None,
+) -> Iterator[int]:
+    """`understudy serve` as a subprocess at debug level, its stdout and stderr in `logs`;
+    under `fd_limit` open files (soft and hard) when given; its process id appended to `pid`."""
     port = free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("UNDERSTUDY_", "OPENAI_"))}
     command = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)]
@@ -543,7 +551,10 @@ def understudy_serve(config: Path, env: dict[str, str], logs: Path) -> Iterator[
             env={**environ, **env, "PYTHONUNBUFFERED": "1"},
             stdout=stdout,
             stderr=stderr,
+            preexec_fn=None if fd_limit is None else lambda: limit_open_files(fd_limit),
         )
+        if pid is not None:
+            pid.append(process.pid)
         try:
             deadline = time.monotonic() + 90
             while True:
@@ -563,6 +574,10 @@ def understudy_serve(config: Path, env: dict[str, str], logs: Path) -> Iterator[
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
+
+
+def limit_open_files(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 def exercise(port: int, planted: dict[str, str], replies: dict[str, raw_http.Reply]) -> None:
@@ -640,7 +655,9 @@ def exercise(port: int, planted: dict[str, str], replies: dict[str, raw_http.Rep
         303,
     )
     cookie = (signed_in.header("set-cookie") or "").split(";")[0]
-    call("ui link", "GET", f"/ui/?key={planted['PLANTED_ADMIN_KEY']}", [], status=303)
+    # A key in a URL never signs in (issue 19): the form is the only way.
+    link = call("ui link", "GET", f"/ui/?key={planted['PLANTED_ADMIN_KEY']}", [], status=401)
+    assert link.header("set-cookie") is None and link.header("location") is None
     call("ui page", "GET", "/ui/", [("Cookie", cookie)], status=200)
     call("ui wrong", "GET", "/ui/?key=nope", [], status=401)
     for target in ("/metrics", "/healthz", "/readyz"):
