@@ -1,7 +1,10 @@
 """The `Limiter` seam: what a rate limit is, what a request is charged, what the answer is.
 
 Every limit is a leaky bucket (equivalently GCRA): it drains at `per_minute / 60` units a
-second and holds at most `capacity` = `burst_s` seconds of that rate. A charge fits when the
+second and holds at most `capacity` = `burst_s` seconds of that rate (at least one unit).
+Worked example, `rpm: 30` with the default `burst_s: 10`: the bucket holds 5 requests, so 5
+parallel requests pass at once, the next fits 2 s later (30/min drain one every 2 s), and
+over any minute at most 30 + 5 pass; the long-run rate is 30 a minute. A charge fits when the
 bucket has room for it; a charge larger than the whole capacity (a big TPM request) fits
 only an empty bucket, which it then overfills, so later requests wait in proportion.
 Two implementations: memory.py (one process) and redis.py (shared by replicas).

@@ -12,6 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+# Seconds of a rate that may arrive at once, unless a limit sets `burst_s`.
+DEFAULT_BURST_S = 10.0
 
 
 class _Strict(BaseModel):
@@ -23,9 +25,11 @@ class LimitSettings(_Strict):
 
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
-    # How much of the rate may arrive at once, in seconds of it: any 60 s window admits at
-    # most rpm * (1 + burst_s / 60). OpenAI enforces similarly short bursts.
-    burst_s: float = Field(2.0, gt=0, le=60)
+    # How much of the rate may arrive at once, in seconds of it (the bucket holds
+    # rpm * burst_s / 60, at least 1): any 60 s window admits at most rpm * (1 + burst_s / 60).
+    # The default, 10 s, lets an app spend a sixth of its minute at once (rpm 30: 5 parallel
+    # requests), as users of OpenAI's and LiteLLM's per-minute limits expect.
+    burst_s: float = Field(DEFAULT_BURST_S, gt=0, le=60)
     max_concurrency: int | None = Field(None, ge=1)
     # Requests waiting for a slot beyond max_concurrency; more (or a longer wait) → 503.
     max_queue: int = Field(100, ge=0)

@@ -23,6 +23,7 @@ from gateway.limits.guard import Guard
 from gateway.limits.headers import format_reset, merge_rate_limit_headers
 from gateway.limits.memory import MemoryLimiter
 from gateway.limits.rates import Charge, Rate
+from gateway.limits.settings import DEFAULT_BURST_S
 from gateway.limits.tokens import estimate_tokens
 from gateway.metrics import Metrics
 from gateway.settings import ConfigError, load_settings
@@ -97,7 +98,7 @@ def test_client_key_is_not_forwarded_and_its_name_is_logged(
 
 async def test_rpm_per_key_within_5_percent_over_a_simulated_minute(gateway_factory: Any) -> None:
     clock = ManualClock()
-    gateway = gateway_factory(clock=clock, auth=keys(alice={"rpm": 120}, bob={"rpm": 600}))
+    gateway = gateway_factory(clock=clock, auth=keys(alice={"rpm": 120, "burst_s": 2}, bob={"rpm": 600}))
     async with aiohttp.ClientSession() as session:
         first = await saturate(session, [gateway.url], "sk-alice", clock, 60)
         second = await saturate(session, [gateway.url], "sk-alice", clock, 60)
@@ -115,7 +116,7 @@ async def test_rpm_per_key_within_5_percent_over_a_simulated_minute(gateway_fact
 
 async def test_tpm_per_key_within_5_percent_settled_on_real_usage(gateway_factory: Any) -> None:
     clock = ManualClock()
-    gateway = gateway_factory(clock=clock, auth=keys(alice={"tpm": 6000}))
+    gateway = gateway_factory(clock=clock, auth=keys(alice={"tpm": 6000, "burst_s": 2}))
     words = " ".join(["w"] * 60)
     async with aiohttp.ClientSession() as session:
         result = await saturate(session, [gateway.url], "sk-alice", clock, 60, content=words, max_tokens=400)
@@ -134,8 +135,8 @@ async def test_rate_limit_headers_present_decreasing_and_tightest(gateway_factor
     clock = ManualClock()
     gateway = gateway_factory(
         clock=clock,
-        auth=keys(alice={"rpm": 600, "tpm": 100_000}),
-        routes=[{"name": "narrow", "match": ["narrow-*"], "limits": {"rpm": 300}}],
+        auth=keys(alice={"rpm": 600, "tpm": 100_000, "burst_s": 2}),
+        routes=[{"name": "narrow", "match": ["narrow-*"], "limits": {"rpm": 300, "burst_s": 2}}],
     )
     async with aiohttp.ClientSession() as session:
         wide = [await chat(session, gateway.url, "sk-alice") for _ in range(3)]
@@ -151,9 +152,37 @@ async def test_rate_limit_headers_present_decreasing_and_tightest(gateway_factor
     assert [int(r.headers["x-ratelimit-remaining-requests"]) for r in narrow] == [9, 8, 7]
 
 
+def test_default_burst_is_ten_seconds_of_the_rate() -> None:
+    assert Rate("key:a", "requests", 30, DEFAULT_BURST_S).capacity == 5  # 30 x 10 / 60
+    assert Rate("key:a", "requests", 600, DEFAULT_BURST_S).capacity == 100
+    assert Rate("key:a", "requests", 3, DEFAULT_BURST_S).capacity == 1  # never below one
+    assert Rate("key:a", "requests", 30, 2.0).capacity == 1  # an explicit burst_s overrides
+
+
+async def test_five_parallel_requests_a_minute_pass_at_rpm_30_and_the_rate_still_holds(
+    gateway_factory: Any,
+) -> None:
+    clock = ManualClock()
+    gateway = gateway_factory(clock=clock, auth=keys(alice={"rpm": 30}))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):  # an app that fires 5 at once, once a minute
+            burst = await asyncio.gather(*(chat(session, gateway.url, "sk-alice") for _ in range(5)))
+            assert [r.status for r in burst] == [200] * 5
+            clock.advance(60)
+        sixth = [await chat(session, gateway.url, "sk-alice") for _ in range(6)]
+        assert [r.status for r in sixth] == [200] * 5 + [429]
+        assert sixth[5].headers["retry-after-ms"] == "2000"  # one request drains every 2 s
+        clock.advance(60)
+        first = await saturate(session, [gateway.url], "sk-alice", clock, 60)
+        second = await saturate(session, [gateway.url], "sk-alice", clock, 60)
+    # Over any minute at most rpm + the burst; saturated minute after minute, the rate itself.
+    assert len(first.admitted) <= 30 + 5 + 1, len(first.admitted)
+    assert abs(len(second.admitted) - 30) <= 1, len(second.admitted)
+
+
 async def test_over_the_limit_is_429_with_retry_after_and_headers(gateway_factory: Any) -> None:
     clock = ManualClock()
-    gateway = gateway_factory(clock=clock, routes=[{"name": "default", "limits": {"rpm": 60}}])
+    gateway = gateway_factory(clock=clock, routes=[{"name": "default", "limits": {"rpm": 60, "burst_s": 2}}])
     async with aiohttp.ClientSession() as session:
         replies = [await chat(session, gateway.url) for _ in range(3)]
         clock.advance(1.0)
@@ -176,7 +205,7 @@ async def test_upstream_limits_apply_to_every_key(gateway_factory: Any, fake_clo
     gateway = gateway_factory(
         clock=clock,
         auth=keys(alice={}, bob={}),
-        upstream={"base_url": fake_cloud.base_url, "limits": {"rpm": 60}},
+        upstream={"base_url": fake_cloud.base_url, "limits": {"rpm": 60, "burst_s": 2}},
     )
     async with aiohttp.ClientSession() as session:
         statuses = [(await chat(session, gateway.url, f"sk-{n}")).status for n in ("alice", "bob", "alice")]

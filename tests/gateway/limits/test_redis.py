@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -9,8 +10,10 @@ import aiohttp
 import pytest
 
 from gateway.limits.clock import ManualClock
+from gateway.limits.memory import MemoryLimiter
 from gateway.limits.rates import Charge, Rate
 from gateway.limits.redis import RedisLimiter
+from gateway.limits.settings import DEFAULT_BURST_S
 from tests.gateway.limits.ratelimit_client import chat, saturate
 from tests.gateway.limits.test_limits import keys, metric
 from tests.gateway.proxy.test_proxy import socket_closed_port
@@ -18,7 +21,7 @@ from tests.gateway.proxy.test_proxy import socket_closed_port
 
 async def test_two_gateways_enforce_one_combined_limit(gateway_factory: Any, redis_url: str) -> None:
     clock = ManualClock()  # one clock for both, as Redis's own TIME would be
-    settings = {"redis_url": redis_url, "auth": keys(alice={"rpm": 600, "tpm": 60_000})}
+    settings = {"redis_url": redis_url, "auth": keys(alice={"rpm": 600, "tpm": 60_000, "burst_s": 2})}
     first, second = gateway_factory(clock=clock, **settings), gateway_factory(clock=clock, **settings)
     async with aiohttp.ClientSession() as session:
         replies = [await chat(session, gw.url, "sk-alice") for _ in range(15) for gw in (first, second)]
@@ -38,7 +41,10 @@ async def test_shared_rpm_and_tpm_within_5_percent_over_a_simulated_minute(
     gateway_factory: Any, redis_url: str
 ) -> None:
     clock = ManualClock()
-    settings = {"redis_url": redis_url, "auth": keys(alice={"rpm": 120}, bob={"tpm": 6000})}
+    settings = {
+        "redis_url": redis_url,
+        "auth": keys(alice={"rpm": 120, "burst_s": 2}, bob={"tpm": 6000, "burst_s": 2}),
+    }
     gateways = [gateway_factory(clock=clock, **settings) for _ in range(2)]
     urls = [gw.url for gw in gateways]
     words = " ".join(["w"] * 60)
@@ -50,7 +56,7 @@ async def test_shared_rpm_and_tpm_within_5_percent_over_a_simulated_minute(
 
 
 async def test_redis_clock_by_default(gateway_factory: Any, redis_url: str) -> None:
-    settings = {"redis_url": redis_url, "auth": keys(alice={"rpm": 60})}
+    settings = {"redis_url": redis_url, "auth": keys(alice={"rpm": 60, "burst_s": 2})}
     first, second = gateway_factory(**settings), gateway_factory(**settings)
     started = time.monotonic()
     async with aiohttp.ClientSession() as session:
@@ -66,7 +72,7 @@ async def test_unreachable_redis_falls_back_to_per_process_limits(gateway_factor
     with socket_closed_port() as port:
         clock = ManualClock()
         gateway = gateway_factory(
-            clock=clock, redis_url=f"redis://127.0.0.1:{port}/0", auth=keys(alice={"rpm": 60})
+            clock=clock, redis_url=f"redis://127.0.0.1:{port}/0", auth=keys(alice={"rpm": 60, "burst_s": 2})
         )
         async with aiohttp.ClientSession() as session:
             statuses = [(await chat(session, gateway.url, "sk-alice")).status for _ in range(3)]
@@ -101,7 +107,7 @@ async def test_two_gateway_processes_share_one_limit(tmp_path: Any, redis_url: s
 
     extra = (
         f"redis_url: {redis_url}\nauth:\n  keys:\n    - name: alice\n      key: sk-alice\n"
-        "      limits: {rpm: 600}\n"
+        "      limits: {rpm: 600, burst_s: 2}\n"
     )
     processes = []
     try:
@@ -124,3 +130,56 @@ async def test_two_gateway_processes_share_one_limit(tmp_path: Any, redis_url: s
     assert 20 <= admitted <= 20 + int(10 * elapsed) + 1, (admitted, elapsed)
     assert admitted < 40
     assert all(r.status in (200, 429) for r in replies)
+
+
+async def test_redis_and_memory_limiters_agree_step_by_step(redis_url: str) -> None:
+    """The Lua script and the in-process buckets, fed one script of charges and clock moves,
+    give the same verdicts, waits and remaining counts (default burst, oversized charges,
+    corrections)."""
+    clock = ManualClock()
+    memory, shared = MemoryLimiter(clock), RedisLimiter(redis_url, clock=clock)
+    await shared.start()
+    requests = Rate("key:a", "requests", 30, DEFAULT_BURST_S)  # holds 5
+    tokens = Rate("key:a", "tokens", 1200, 2.0)  # holds 40
+    script: list[tuple[str, Any]] = [
+        *[("acquire", [Charge(requests, 1), Charge(tokens, 4)])] * 6,
+        ("advance", 2.0),
+        ("acquire", [Charge(requests, 1), Charge(tokens, 4)]),
+        ("acquire", [Charge(requests, 1)]),
+        ("advance", 60.0),
+        ("acquire", [Charge(tokens, 100)]),  # oversized: fits only the empty bucket
+        ("acquire", [Charge(tokens, 1)]),
+        ("adjust", [Charge(tokens, -70)]),
+        ("acquire", [Charge(requests, 1), Charge(tokens, 10)]),
+        ("advance", 0.5),
+        ("acquire", [Charge(requests, 1), Charge(tokens, 30)]),
+    ]
+    try:
+        for step, arg in script:
+            if step == "advance":
+                clock.advance(arg)
+            elif step == "adjust":
+                await memory.adjust(arg)
+                await shared.adjust(arg)
+            else:
+                mine, theirs = await memory.acquire(arg), await shared.acquire(arg)
+                assert mine.allowed == theirs.allowed, (arg, mine, theirs)
+                assert mine.refused_by == theirs.refused_by
+                assert mine.retry_after_s == pytest.approx(theirs.retry_after_s, abs=1e-3)
+                assert [q.remaining for q in mine.quotas] == [q.remaining for q in theirs.quotas]
+                assert [q.reset_s for q in mine.quotas] == pytest.approx(
+                    [q.reset_s for q in theirs.quotas], abs=1e-3
+                )
+    finally:
+        await shared.close()
+
+
+async def test_default_burst_is_shared_across_gateways(gateway_factory: Any, redis_url: str) -> None:
+    clock = ManualClock()
+    settings = {"redis_url": redis_url, "auth": keys(alice={"rpm": 30})}
+    first, second = gateway_factory(clock=clock, **settings), gateway_factory(clock=clock, **settings)
+    async with aiohttp.ClientSession() as session:
+        urls = [first.url, second.url, first.url, second.url, first.url, second.url]
+        burst = await asyncio.gather(*(chat(session, url, "sk-alice") for url in urls))
+    # rpm 30, default 10 s burst: 5 at once for the pair, wherever they land.
+    assert sorted(r.status for r in burst) == [200] * 5 + [429]
