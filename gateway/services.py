@@ -79,6 +79,7 @@ class Services:
                     settings, self.store, self.metrics, self.local_client, self.call_cloud
                 )
                 self.controller.pays_for_own_calls = self.pays_for_own_calls
+                self.controller.price_answer = self.price_answer
         self.dispatcher = Dispatcher(
             self.controller, self.local_upstream, self.metrics, lambda: self.local_up
         )
@@ -153,6 +154,12 @@ class Services:
         """A (re)started backend answers: learn its context and its LoRA self-test result."""
         if self.controller is not None:
             self.controller.spawn(self.controller.check_local_backend())
+
+    def price_answer(self, answer: dict[str, Any]) -> float:
+        """What a chat answer cost at the cloud's prices (0 for a model the map lacks)."""
+        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+        prompt, completion = usage_tokens(usage)
+        return self.costs.prices.cost(str(answer.get("model") or ""), prompt or 0, completion or 0)
 
     def pays_for_own_calls(self, route_name: str) -> bool:
         """True when the route's upstream has a key of its own, so the gateway can make calls

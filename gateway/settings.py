@@ -70,6 +70,20 @@ class UpstreamSettings(_Strict):
         return value
 
 
+class SyntheticSettings(_Strict):
+    """Synthetic data for a route with too little traffic (gateway.adaptive.synthetic)."""
+
+    enabled: bool = False
+    # Real pairs needed before the cloud is asked to write more like them.
+    seed_samples: int = Field(20, ge=1)
+    # Real + synthetic pairs to reach (default: the route's min_samples).
+    target_samples: int | None = Field(None, ge=1)
+    # The route's total spend on synthetic data (prompt writing and answers), ever.
+    max_cost_usd: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    per_call: int = Field(5, ge=1, le=50)
+
+
 class PolicySettings(_Strict):
     """When a route moves between cloud and local (used by the adaptive cycle)."""
 
@@ -95,6 +109,7 @@ class PolicySettings(_Strict):
     # route's history; so does one whose answers fail to be judged this many times in a row.
     eval_timeout_s: float = Field(1800.0, gt=0)
     max_judge_errors: int = Field(10, ge=1)
+    synthetic: SyntheticSettings = SyntheticSettings()
 
 
 class RouteSettings(_Strict):

@@ -31,6 +31,8 @@ Record = dict[str, Any]
 
 CHAT_ENDPOINT_SUFFIX = "/chat/completions"
 MIN_SAMPLES_FOR_HELDOUT = 5
+# Marks a sample the gateway generated (gateway.adaptive.synthetic): never held out.
+SYNTHETIC_KEY = "synthetic"
 _TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _UNUSABLE_FINISH = {"length": "truncated", "content_filter": "content_filter"}
@@ -174,7 +176,18 @@ def record_to_sample(record: Record) -> Sample:
     if not _has_answer(answer):
         raise SkipSample("empty_answer")
     asked = {key: request.get(key) for key in ("tools", *REPLAYED_FIELDS)}
-    return normalize_sample({"messages": [*prompt, answer], **asked})
+    sample = normalize_sample({"messages": [*prompt, answer], **asked})
+    if record.get("kind") == "synthetic":
+        sample[SYNTHETIC_KEY] = True
+    return sample
+
+
+def split_synthetic(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """(real, synthetic): synthetic pairs may be trained on but never held out, and leave
+    their marker behind (it is not a chat field)."""
+    real = [s for s in samples if not s.get(SYNTHETIC_KEY)]
+    synthetic = [{k: v for k, v in s.items() if k != SYNTHETIC_KEY} for s in samples if s.get(SYNTHETIC_KEY)]
+    return real, synthetic
 
 
 def _convert(items: Iterable[tuple[str, Any]]) -> Conversion:
@@ -239,7 +252,8 @@ def default_store_url(data_dir: Path) -> str:
 
 
 def load_route_records(store_url: str, route: str) -> Iterator[Record]:
-    """The route's log records from the gateway's store at `store_url`, oldest first."""
+    """The route's log records from the gateway's store at `store_url`: its users' traffic,
+    then the synthetic pairs the gateway generated for it (kind `synthetic`)."""
     # Imported here: the trainer runs without the gateway package when given --data.
     from gateway.store import open_store
 
@@ -251,7 +265,8 @@ def load_route_records(store_url: str, route: str) -> Iterator[Record]:
     except ValueError as exc:
         raise DataError(str(exc)) from None
     try:
-        yield from store.iter_records(route=route)
+        yield from store.iter_records(route=route, kind="user")
+        yield from store.iter_records(route=route, kind="synthetic")
     finally:
         store.close()
 

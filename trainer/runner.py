@@ -14,6 +14,7 @@ from typing import Any
 
 from trainer.adapters import HELDOUT_FILE, TRAIN_FILE, AdapterRegistry, AdapterVersion
 from trainer.dataset import (
+    SYNTHETIC_KEY,
     Conversion,
     Sample,
     data_hash,
@@ -25,6 +26,7 @@ from trainer.dataset import (
     prompt_key,
     records_to_samples,
     split_samples,
+    split_synthetic,
     write_jsonl,
 )
 from trainer.errors import DataError, TrainerError
@@ -117,8 +119,9 @@ def _train_and_publish(
     conversion = collect_samples(spec, ctx.data_dir, ctx.route)
     if not conversion.samples:
         raise DataError(f"no usable pairs for route {ctx.route!r} (skipped: {dict(conversion.skipped)})")
-    pool, heldout = split_samples(conversion.samples, spec.eval_fraction)
-    chosen = choose_training_set(spec, pool, heldout)
+    real, synthetic = split_synthetic(conversion.samples)
+    pool, heldout = split_samples(real, spec.eval_fraction)  # the judge grades real traffic only
+    chosen = choose_training_set(spec, pool + synthetic, heldout)
     log.info(
         "route %s: %d train, %d validation, %d held out (%s), skipped %s",
         ctx.route,
@@ -160,6 +163,8 @@ def build_meta(
         "data_source": str(spec.data) if spec.data else "log store",
         "data_hash": data_hash(conversion.samples),
         "sample_count": len(conversion.samples),
+        "real_count": sum(1 for s in conversion.samples if not s.get(SYNTHETIC_KEY)),
+        "synthetic_count": sum(1 for s in conversion.samples if s.get(SYNTHETIC_KEY)),
         "train_count": len(chosen.train),
         "trained_with_tools": offers_tools(chosen.train),
         "validation_count": len(chosen.validation),

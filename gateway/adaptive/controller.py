@@ -23,6 +23,7 @@ from gateway.adaptive.evaluation import eval_max_tokens, eval_record, read_heldo
 from gateway.adaptive.judges import Judge, Verdict, build_judge
 from gateway.adaptive.policy import EvalOutcome, Mode, RouteState
 from gateway.adaptive.retrain import next_job
+from gateway.adaptive.synthetic import Synthesizer, real_requests, synthetic_pairs
 from gateway.domain import LOCAL_ENDPOINT
 from gateway.domain.exchange import Exchange
 from gateway.errors import Conflict, GatewayError, InvalidRequest, NotFound
@@ -53,6 +54,10 @@ class RouteRuntime:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_train_check: float = 0.0
     train_check_pending: bool = False
+    # The model the route's clients last asked for: held-out samples carry none, and an
+    # upstream judge with no judge_model grades with it.
+    last_model: str | None = None
+    synthesizing: bool = False
 
     @property
     def name(self) -> str:
@@ -81,6 +86,8 @@ class AdaptiveController:
         self.blocked: str | None = None
         # Decides whether the gateway may spend on calls no client request pays for.
         self.pays_for_own_calls: Callable[[str], bool] = lambda route: True
+        # What a cloud answer cost in USD (the synthetic-data cap counts it).
+        self.price_answer: Callable[[dict[str, Any]], float] = lambda answer: 0.0
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -204,6 +211,7 @@ class AdaptiveController:
         if runtime is None or not ok or request is None or answer is None or ex.endpoint != LOCAL_ENDPOINT:
             return
         state = runtime.state
+        runtime.last_model = ex.model or runtime.last_model
         if ex.backend == "cloud" and state.mode == "eval" and state.candidate_version is not None:
             if ex.local_skip is None:  # what the local model would not be asked, it is not judged on
                 self._spawn_shadow(runtime, self._shadow_eval(runtime, request, answer, ex.authorization))
@@ -246,9 +254,16 @@ class AdaptiveController:
             count, newest = await asyncio.to_thread(
                 self.store.count_usable_pairs, runtime.name, state.trained_through_id
             )
+            made, newest_made = await asyncio.to_thread(
+                synthetic_pairs, self.store, runtime.name, state.trained_through_id
+            )
+            newest = max(newest, newest_made)
             if self.blocked is not None and not force:
                 return None
-            if not force and not policy.ready_to_train(state, runtime.settings.policy, count, time.time()):
+            if not force and not policy.ready_to_train(
+                state, runtime.settings.policy, count + made, time.time()
+            ):
+                self._maybe_synthesize(runtime, count, made)
                 return None
             spec, failed = await self._job_spec(runtime)
             job_id = await self.jobs.start(runtime.name, spec, failed_pairs=failed)
@@ -302,6 +317,52 @@ class AdaptiveController:
                 return
         await self._change(runtime, lambda s: policy.eval_expired(s, settings, version, time.time()))
 
+    def _maybe_synthesize(self, runtime: RouteRuntime, real: int, made: int) -> None:
+        """Top a thin route up with synthetic pairs (policy.synthetic) in the background."""
+        settings, state = runtime.settings.policy, runtime.state
+        wanted = (settings.synthetic.target_samples or settings.min_samples) - real - made
+        if (
+            not settings.synthetic.enabled
+            or runtime.synthesizing
+            or state.mode != "cloud"
+            or real < settings.synthetic.seed_samples
+            or wanted <= 0
+            or state.synthetic_spent_usd >= settings.synthetic.max_cost_usd
+        ):
+            return
+        if not self.pays_for_own_calls(runtime.name):  # no client request pays for these calls
+            self._skipped(runtime, "synthetic data needs the upstream's own key")
+            return
+        runtime.synthesizing = True
+        self._spawn(self._synthesize(runtime, wanted))
+
+    async def _synthesize(self, runtime: RouteRuntime, wanted: int) -> None:
+        try:
+            seeds, known = await asyncio.to_thread(real_requests, self.store, runtime.name)
+
+            async def cloud(body: dict[str, Any], kind: str) -> dict[str, Any]:
+                return await self.cloud(runtime.name, body, kind, None)
+
+            generator = Synthesizer(
+                runtime.settings.policy.synthetic,
+                cloud,
+                self.price_answer,
+                seeds,
+                known,
+                runtime.state.synthetic_spent_usd,
+            )
+            outcome = await generator.run(wanted)
+            log.info("route %s: synthetic data: %d pairs, %s", runtime.name, outcome.added, outcome.stopped)
+            await self._change(
+                runtime,
+                lambda s: policy.synthetic_added(
+                    s, outcome.added, outcome.spent_usd, outcome.stopped, time.time()
+                ),
+            )
+        finally:
+            runtime.synthesizing = False
+        await self._maybe_train(runtime)
+
     # --- evaluation ----------------------------------------------------------------------
 
     async def _heldout_eval(self, runtime: RouteRuntime, version: int) -> None:
@@ -314,6 +375,8 @@ class AdaptiveController:
                 self._skipped(runtime, "held-out eval needs the upstream's own key")
             return
         for request, cloud in samples:
+            if "model" not in request and runtime.last_model:
+                request["model"] = runtime.last_model
             state = runtime.state
             if version not in (state.candidate_version, state.active_version):
                 return

@@ -81,6 +81,8 @@ class RouteState:
     # The last candidate that eval turned down: the next job starts from it and from what it
     # got wrong (cleared once a candidate is promoted).
     rejected_version: int | None = None
+    # USD spent on synthetic data for this route, ever (its cap is policy.synthetic.max_cost_usd).
+    synthetic_spent_usd: float = 0.0
     window: deque[tuple[bool, float]] = field(default_factory=deque)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -134,6 +136,11 @@ def transition(state: RouteState, to: Mode, reason: str, now: float | None = Non
     state.mode = to
     state.streak = 0
     state.judge_errors = 0
+
+
+def synthetic_added(state: RouteState, added: int, spent_usd: float, why: str, now: float) -> None:
+    state.synthetic_spent_usd += spent_usd
+    note(state, f"synthetic data: {added} new pairs for ${spent_usd:.4f} ({why})", now=now)
 
 
 def ready_to_train(state: RouteState, policy: PolicySettings, new_pairs: int, now: float) -> bool:

@@ -233,7 +233,8 @@
       body.push(h("dl", { class: "kv" },
         h("dt", {}, "latest"), h("dd", {}, `v${latest.version}`),
         h("dt", {}, "trained"), h("dd", {}, latest.created_at ? ago(Date.parse(latest.created_at) / 1000, now) : "–"),
-        h("dt", {}, "samples"), h("dd", {}, latest.sample_count === undefined ? "–" : String(latest.sample_count)),
+        h("dt", {}, "samples"), h("dd", {}, latest.sample_count === undefined ? "–"
+          : latest.synthetic_count ? `${latest.real_count} real + ${latest.synthetic_count} synthetic` : String(latest.sample_count)),
         h("dt", {}, "train loss"), h("dd", {}, typeof latest.train_loss === "number" ? latest.train_loss.toFixed(4) : "–")));
       if (latest.stop_reason) body.push(h("div", { class: "muted", dataset: { role: "stop-reason" } }, `${latest.steps_run ?? "?"} / ${latest.planned_steps ?? "?"} steps · ${latest.stop_reason}`));
       const curve = (Array.isArray(latest.loss_curve) ? latest.loss_curve : latest.loss_history || [])

@@ -37,6 +37,8 @@ _ADAPTER_FIELDS = (
     "planned_steps",
     "validation_loss",
     "trained_with_tools",
+    "real_count",
+    "synthetic_count",
 )
 
 
