@@ -102,6 +102,14 @@ class Store(Protocol):
 
     def delete_records(self, route: str | None, before: float | None) -> int: ...
 
+    def delete_record_ids(self, ids: Sequence[int]) -> int:
+        """Delete these records (privacy deletion of derived copies), leaving no copy on disk."""
+        ...
+
+    def delete_eval_ids(self, ids: Sequence[int]) -> int:
+        """Delete these eval verdicts, leaving no copy on disk."""
+        ...
+
     def count_usable_pairs(self, route: str, after_id: int) -> tuple[int, int]:
         """(how many successful cloud chat answers of `route` have id > after_id, newest id)."""
         ...

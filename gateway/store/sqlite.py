@@ -232,6 +232,26 @@ class SQLiteStore:
         self._checkpoint(conn)
         return cursor.rowcount
 
+    def delete_record_ids(self, ids: Sequence[int]) -> int:
+        return self._delete_ids("records", ids)
+
+    def delete_eval_ids(self, ids: Sequence[int]) -> int:
+        return self._delete_ids("evals", ids)
+
+    def _delete_ids(self, table: str, ids: Sequence[int]) -> int:
+        if not ids:
+            return 0
+        conn = self._conn()
+        conn.execute("PRAGMA secure_delete = ON")
+        deleted = 0
+        with conn:
+            for start in range(0, len(ids), 500):  # SQLite caps bound parameters
+                chunk = [int(i) for i in ids[start : start + 500]]
+                marks = ", ".join("?" for _ in chunk)
+                deleted += conn.execute(f"DELETE FROM {table} WHERE id IN ({marks})", chunk).rowcount
+        self._checkpoint(conn)
+        return deleted
+
     def vacuum(self) -> tuple[int, int]:
         """Rebuild the database file without its free pages; (bytes before, bytes after), the
         WAL included. Log writes wait meanwhile (they spill and retry if it takes long)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -13,12 +13,13 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from gateway.errors import Conflict, InvalidRequest
+from gateway.privacy import forget, routes_to_retrain
 from gateway.services import Services
 from gateway.store.base import RecordFilter
 from gateway.store.sqlite import iso
 from gateway.web.common import query_choice, query_int, query_optional_int, query_time
 from gateway.web.endpoints import Endpoint, Param
-from gateway.web.schemas import DeleteResult, LogPage, LogRecordOut, VacuumResult
+from gateway.web.schemas import DeleteResult, DerivedDeletion, LogPage, LogRecordOut, VacuumResult
 
 BACKENDS = ("cloud", "local", "failover")
 KINDS = ("user", "judge", "shadow")
@@ -124,8 +125,25 @@ async def delete_logs(request: Request, services: Services) -> DeleteResult:
     before = query_time(request, "before")
     if route is None and before is None:
         raise InvalidRequest("give 'route' and/or 'before' (ISO 8601): refusing to delete every record")
-    deleted = await asyncio.to_thread(services.store.delete_records, route, before)
-    return DeleteResult(deleted=deleted)
+    retrain = query_choice(request, "retrain", ("true", "false")) == "true"
+    report = await asyncio.to_thread(forget, services.store, services.settings.data_dir, route, before)
+    jobs = await _retrain(services, routes_to_retrain(report)) if retrain else {}
+    derived = report.as_dict()
+    return DeleteResult(deleted=derived.pop("records"), derived=DerivedDeletion(**derived), retrain_jobs=jobs)
+
+
+async def _retrain(services: Services, routes: Iterable[str]) -> dict[str, str]:
+    """Start a clean replacement for each route whose adapter saw a deleted pair."""
+    controller = services.controller
+    jobs: dict[str, str] = {}
+    for route in routes:
+        if controller is None or route not in controller.routes:
+            continue
+        try:
+            jobs[route] = await controller.train_now(route)
+        except Conflict:
+            continue  # a job is running; the next one trains on the cleaned data anyway
+    return jobs
 
 
 async def vacuum_store(request: Request, services: Services) -> VacuumResult:
@@ -158,11 +176,18 @@ endpoints = [
         "/admin/logs",
         delete_logs,
         "Delete a route's records and/or every record before a time (at least one is required: "
-        "deleting everything takes an explicit `before`)",
+        "deleting everything takes an explicit `before`), and every copy of their prompts: "
+        "adapters' data splits, evals, the gateway's own calls about them, training jobs' files",
         DeleteResult,
         params=(
             _ROUTE,
             Param("before", "query", {"type": "string", "format": "date-time"}, "strictly before (ISO 8601)"),
+            Param(
+                "retrain",
+                "query",
+                {"type": "string", "enum": ["true", "false"]},
+                "train a clean replacement for adapters trained on a deleted pair",
+            ),
         ),
         errors=(400,),
     ),

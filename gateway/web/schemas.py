@@ -102,8 +102,24 @@ class LogPage(_Response):
     next_cursor: str | None = Field(description="pass as `cursor` for the next (older) page")
 
 
+class DerivedDeletion(_Response):
+    """Copies of the deleted prompts removed elsewhere (counts only, never the content)."""
+
+    own_calls: int = Field(ge=0, description="the gateway's judge/shadow calls about them")
+    evals: int = Field(ge=0, description="eval verdicts on them")
+    adapter_lines: dict[str, int] = Field(description="lines removed per data split file name")
+    job_lines: int = Field(ge=0, description="lines of training jobs' files and logs")
+    adapters_trained_on_deleted: list[dict[str, Any]] = Field(
+        description="adapter versions trained on a removed pair, now marked so in meta.json"
+    )
+
+
 class DeleteResult(_Response):
     deleted: int = Field(ge=0)
+    derived: DerivedDeletion | None = None
+    retrain_jobs: dict[str, str] = Field(
+        default_factory=dict, description="route -> training job started by `retrain=true`"
+    )
 
 
 class VacuumResult(_Response):

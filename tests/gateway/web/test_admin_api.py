@@ -320,9 +320,9 @@ async def test_log_filters_paging_export_and_delete(adaptive_gateway: AdaptiveGa
     status, body, _ = await call(url, "DELETE", "/admin/logs")
     assert status == 400
     status, body, _ = await call(url, "DELETE", f"/admin/logs?before={_iso(middle)}")
-    assert status == 200 and body == {"deleted": 3}
+    assert status == 200 and body["deleted"] == 3 and body["retrain_jobs"] == {}
     status, body, _ = await call(url, "DELETE", "/admin/logs?route=default")
-    assert status == 200 and body == {"deleted": 3}
+    assert status == 200 and body["deleted"] == 3
     assert await ids("") == []
 
 
