@@ -22,7 +22,7 @@ from gateway.limits.guard import Guard, limits_configured
 from gateway.local.client import LocalBackendClient
 from gateway.local.supervisor import BackendSupervisor
 from gateway.metrics import Metrics
-from gateway.pricing import CostMeter, PriceBook
+from gateway.pricing import CostMeter, PriceBook, cached_tokens
 from gateway.routing import RouteTable
 from gateway.settings import DEFAULT_UPSTREAM, Settings, UpstreamSettings
 from gateway.store import Store, open_store
@@ -48,7 +48,7 @@ class Services:
     def __init__(self, settings: Settings, clock: Clock | None = None):
         self.settings = settings
         self.metrics = Metrics()
-        self.costs = CostMeter(self.metrics, PriceBook())
+        self.costs = CostMeter(self.metrics, PriceBook(overrides=settings.pricing))
         self.routes = RouteTable(settings.all_routes())
         self.upstreams: dict[str, ResilientUpstream] = {
             name: make_resilient(build_upstream(name, cfg), cfg, self.metrics, clock)
@@ -159,7 +159,8 @@ class Services:
         """What a chat answer cost at the cloud's prices (0 for a model the map lacks)."""
         usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
         prompt, completion = usage_tokens(usage)
-        return self.costs.prices.cost(str(answer.get("model") or ""), prompt or 0, completion or 0)
+        model = str(answer.get("model") or "")
+        return self.costs.prices.cost(model, prompt or 0, completion or 0, cached_tokens(usage))
 
     def pays_for_own_calls(self, route_name: str) -> bool:
         """True when the route's upstream has a key of its own, so the gateway can make calls
@@ -208,7 +209,7 @@ class Services:
             await self.commit(ex)
             raise UpstreamUnreachable(f"upstream answered {ex.status} to a {kind} call")
         ex.usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
-        spent = self.costs.record(route, "cloud", ex.model, *usage_tokens(ex.usage))
+        spent = self.costs.record(route, "cloud", ex.model, *usage_tokens(ex.usage), cached_tokens(ex.usage))
         self.metrics.judge_cost.labels(route_name).inc(spent)
         await self.commit(ex)
         return answer
@@ -236,4 +237,5 @@ class Services:
                 metrics.tokens.labels(ex.route, ex.backend, "completion").inc(completion)
             if ex.status < 400:
                 model = ex.model if ex.backend != "cloud" else ex.upstream_model or ex.model
-                self.costs.record(self.routes.by_name[ex.route], ex.backend, model, prompt, completion)
+                route = self.routes.by_name[ex.route]
+                self.costs.record(route, ex.backend, model, prompt, completion, cached_tokens(usage))

@@ -193,6 +193,17 @@ class UISettings(_Strict):
     session_ttl_s: float = Field(8 * 3600.0, ge=60)
 
 
+class PriceSettings(_Strict):
+    """A model's price in USD per million tokens (a self-hosted upstream, a negotiated rate,
+    a model litellm's map does not know). `cached_input`: prompt tokens the upstream served
+    from its cache (usage `prompt_tokens_details.cached_tokens`); unset = the map's cached
+    rate if the model is in it, else `input`."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(None, ge=0)
+
+
 class Settings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -214,6 +225,8 @@ class Settings(_Strict):
     server_names: list[str] = Field(default_factory=list)
     server: ServerSettings = ServerSettings()
     ui: UISettings = UISettings()
+    # Per-model prices that override or add to litellm's map, by model name as sent upstream.
+    pricing: dict[str, PriceSettings] = Field(default_factory=dict)
 
     @field_validator("admin_key", "database_url", "redis_url")
     @classmethod
