@@ -23,7 +23,7 @@ from gateway.adaptive.evaluation import eval_max_tokens, eval_record, read_heldo
 from gateway.adaptive.judges import Judge, Verdict, build_judge
 from gateway.adaptive.policy import EvalOutcome, Mode, RouteState
 from gateway.adaptive.retrain import next_job
-from gateway.adaptive.synthetic import Synthesizer, real_requests, synthetic_pairs
+from gateway.adaptive.synthetic import Synthesizer, pairs_wanted, real_requests, synthetic_pairs
 from gateway.domain import LOCAL_ENDPOINT
 from gateway.domain.exchange import Exchange
 from gateway.errors import Conflict, GatewayError, InvalidRequest, NotFound
@@ -319,16 +319,8 @@ class AdaptiveController:
 
     def _maybe_synthesize(self, runtime: RouteRuntime, real: int, made: int) -> None:
         """Top a thin route up with synthetic pairs (policy.synthetic) in the background."""
-        settings, state = runtime.settings.policy, runtime.state
-        wanted = (settings.synthetic.target_samples or settings.min_samples) - real - made
-        if (
-            not settings.synthetic.enabled
-            or runtime.synthesizing
-            or state.mode != "cloud"
-            or real < settings.synthetic.seed_samples
-            or wanted <= 0
-            or state.synthetic_spent_usd >= settings.synthetic.max_cost_usd
-        ):
+        wanted = pairs_wanted(runtime.settings.policy, runtime.state, real, made)
+        if wanted <= 0 or runtime.synthesizing:
             return
         if not self.pays_for_own_calls(runtime.name):  # no client request pays for these calls
             self._skipped(runtime, "synthetic data needs the upstream's own key")
@@ -337,27 +329,18 @@ class AdaptiveController:
         self._spawn(self._synthesize(runtime, wanted))
 
     async def _synthesize(self, runtime: RouteRuntime, wanted: int) -> None:
+        async def cloud(body: dict[str, Any], kind: str) -> dict[str, Any]:
+            return await self.cloud(runtime.name, body, kind, None)
+
         try:
             seeds, known = await asyncio.to_thread(real_requests, self.store, runtime.name)
-
-            async def cloud(body: dict[str, Any], kind: str) -> dict[str, Any]:
-                return await self.cloud(runtime.name, body, kind, None)
-
-            generator = Synthesizer(
-                runtime.settings.policy.synthetic,
-                cloud,
-                self.price_answer,
-                seeds,
-                known,
-                runtime.state.synthetic_spent_usd,
-            )
-            outcome = await generator.run(wanted)
+            spent = runtime.state.synthetic_spent_usd
+            settings = runtime.settings.policy.synthetic
+            outcome = await Synthesizer(settings, cloud, self.price_answer, seeds, known, spent).run(wanted)
             log.info("route %s: synthetic data: %d pairs, %s", runtime.name, outcome.added, outcome.stopped)
+            note = policy.synthetic_added
             await self._change(
-                runtime,
-                lambda s: policy.synthetic_added(
-                    s, outcome.added, outcome.spent_usd, outcome.stopped, time.time()
-                ),
+                runtime, lambda s: note(s, outcome.added, outcome.spent_usd, outcome.stopped, time.time())
             )
         finally:
             runtime.synthesizing = False
@@ -502,50 +485,19 @@ class AdaptiveController:
 
     def describe(self, route: str) -> dict[str, Any]:
         runtime = self.runtime(route)
-        state, runtime_policy = runtime.state, runtime.settings.policy
-        return {
-            "mode": state.mode,
-            "serving": state.serving_mode,
-            "pinned": state.pinned,
-            "active_adapter": state.active_version,
-            "candidate_adapter": state.candidate_version,
-            "rolling_score": state.rolling_score,
-            "pass_rate": state.pass_rate,
-            "window": len(state.window),
-            "job_id": state.job_id,
-            "job": self.jobs.status(state.job_id) if state.job_id else None,
-            "blocked": self.blocked,
-            "failed_trainings": state.failed_trainings,
-            "eval_deadline": (
-                state.eval_started_at + runtime_policy.eval_timeout_s if state.mode == "eval" else None
-            ),
-            "history": state.history[-50:],
-        }
+        state = runtime.state
+        job = self.jobs.status(state.job_id) if state.job_id else None
+        return {**policy.view(state, runtime.settings.policy), "job": job, "blocked": self.blocked}
 
     def problems(self) -> list[str]:
         """Everything that keeps a route from learning, in words (for /readyz)."""
         found = [] if self.blocked is None else [self.blocked]
-        now = time.time()
-        for name, runtime in self.routes.items():
-            state = runtime.state
-            if state.failed_trainings and state.mode == "cloud":
-                wait = max(0.0, state.backoff_until - now)
-                last = state.history[-1]["reason"] if state.history else "training failed"
-                found.append(
-                    f"route {name}: {last} (failed {state.failed_trainings}x; next try in {wait:.0f} s)"
-                )
-        return found
+        stuck = (policy.stuck(name, r.state, time.time()) for name, r in self.routes.items())
+        return found + [problem for problem in stuck if problem]
 
     def summaries(self) -> dict[str, dict[str, Any]]:
         """Each adaptive route's mode and its latest change, for /readyz."""
-        return {
-            name: {
-                "mode": runtime.state.mode,
-                "serving": runtime.state.serving_mode,
-                "last_change": runtime.state.history[-1] if runtime.state.history else None,
-            }
-            for name, runtime in self.routes.items()
-        }
+        return {name: policy.summary(runtime.state) for name, runtime in self.routes.items()}
 
     # --- persistence ---------------------------------------------------------------------
 

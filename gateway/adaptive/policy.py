@@ -240,3 +240,42 @@ def record_spot_check(state: RouteState, policy: PolicySettings, outcome: EvalOu
         transition(state, "cloud", f"rolling score {rolling:.1f} fell below {bar:.0f}", now)
     elif fails >= policy.demote_after:
         transition(state, "cloud", f"{fails} failed spot checks in the last {len(state.window)}", now)
+
+
+# --- what operators see ------------------------------------------------------------------
+
+
+def view(state: RouteState, policy: PolicySettings) -> dict[str, Any]:
+    """The route's state as the admin API and the dashboard show it."""
+    deadline = state.eval_started_at + policy.eval_timeout_s if state.mode == "eval" else None
+    return {
+        "mode": state.mode,
+        "serving": state.serving_mode,
+        "pinned": state.pinned,
+        "active_adapter": state.active_version,
+        "candidate_adapter": state.candidate_version,
+        "rolling_score": state.rolling_score,
+        "pass_rate": state.pass_rate,
+        "window": len(state.window),
+        "job_id": state.job_id,
+        "failed_trainings": state.failed_trainings,
+        "eval_deadline": deadline,
+        "history": state.history[-50:],
+    }
+
+
+def stuck(name: str, state: RouteState, now: float) -> str | None:
+    """Why the route is not learning right now, when it is backing off after failures."""
+    if not state.failed_trainings or state.mode != "cloud":
+        return None
+    wait = max(0.0, state.backoff_until - now)
+    last = state.history[-1]["reason"] if state.history else "training failed"
+    return f"route {name}: {last} (failed {state.failed_trainings}x; next try in {wait:.0f} s)"
+
+
+def summary(state: RouteState) -> dict[str, Any]:
+    return {
+        "mode": state.mode,
+        "serving": state.serving_mode,
+        "last_change": state.history[-1] if state.history else None,
+    }

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.adaptive.answers import answer_text
+from gateway.adaptive.policy import RouteState
 from gateway.errors import GatewayError
-from gateway.settings import SyntheticSettings
+from gateway.settings import PolicySettings, SyntheticSettings
 from gateway.store.base import Store
 
 log = logging.getLogger("understudy.synthetic")
@@ -183,6 +184,15 @@ class Synthesizer:
             return None
         outcome.spent_usd += self.price(answer)
         return answer
+
+
+def pairs_wanted(policy: PolicySettings, state: RouteState, real: int, made: int) -> int:
+    """How many synthetic pairs a route in `cloud` should get now (0: none)."""
+    settings = policy.synthetic
+    ready = settings.enabled and state.mode == "cloud" and real >= settings.seed_samples
+    if not ready or state.synthetic_spent_usd >= settings.max_cost_usd:
+        return 0
+    return max(0, (settings.target_samples or policy.min_samples) - real - made)
 
 
 def real_requests(store: Store, route: str, limit: int = 2000) -> tuple[list[dict[str, Any]], list[str]]:
