@@ -188,3 +188,67 @@ def redis_url(redis_server: str) -> str:
     with redis.Redis.from_url(redis_server) as connection:
         connection.flushall()
     return redis_server
+
+
+# --- a real PostgreSQL for the shared-store tests (skipped only when it is not installed) ---
+
+
+def _postgres_bin(name: str) -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found or (candidates[-1] if candidates else None)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throwaway cluster (initdb in a temp dir, trust auth on loopback, a free port); the
+    server refuses to run as root, so as root it runs as the `postgres` user."""
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    as_user: list[str] = []
+    workdir = Path(tempfile.mkdtemp(prefix="understudy-pg-"))
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        account = pwd.getpwnam("postgres")
+        os.chown(workdir, account.pw_uid, account.pw_gid)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cluster = workdir / "data"
+    quiet = subprocess.DEVNULL
+    init = [*as_user, initdb, "-D", str(cluster), "-U", "postgres", "--auth=trust"]
+    subprocess.run(init, check=True, stdout=quiet, stderr=quiet)
+    options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off"
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(cluster), "-o", options, "-l", str(workdir / "log"), "-w", "start"],
+        check=True,
+        stdout=quiet,
+        stderr=quiet,
+    )
+    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(cluster), "-m", "immediate", "stop"], stdout=quiet, stderr=quiet
+    )
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A fresh, empty database on the session's PostgreSQL, for this test."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_server, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]  # a generated name
+    return postgres_server.rsplit("/", 1)[0] + f"/{name}"

@@ -66,6 +66,23 @@ class EvalRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class CostEntry:
+    """One line of the cost ledger. kind: `spend` (a cloud answer), `savings` (a local answer,
+    at the cloud's price) or `judge` (the gateway's own calls: judging, spot checks)."""
+
+    ts: float
+    route: str
+    backend: str
+    kind: str
+    usd: float
+    client: str | None = None
+
+
+# What the cost ledger may be summed by (cost_totals' `by`).
+COST_GROUPS = ("day", "route", "client", "backend", "kind")
+
+
+@dataclass(frozen=True, slots=True)
 class RecordFilter:
     route: str | None = None
     backend: str | None = None
@@ -116,7 +133,42 @@ class Store(Protocol):
 
     def load_route_state(self, route: str) -> dict[str, Any] | None: ...
 
-    def save_route_state(self, route: str, state: dict[str, Any]) -> None: ...
+    def load_route_state_versioned(self, route: str) -> tuple[dict[str, Any], int] | None:
+        """(state, version) of `route`, or None before its first save."""
+        ...
+
+    def save_route_state(
+        self, route: str, state: dict[str, Any], expected_version: int | None = None
+    ) -> int | None:
+        """Compare-and-set: write `state` if the stored version is `expected_version` (0: no
+        row yet; None: whatever it is) and return the new version; None when another writer
+        got there first (reload, re-apply, try again)."""
+        ...
+
+    def route_state_versions(self) -> dict[str, int]:
+        """Every route's state version: what a replica polls to learn of others' changes."""
+        ...
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease `name` for `ttl_s` seconds; False while another holder's
+        lease has not expired."""
+        ...
+
+    def release_lease(self, name: str, holder: str) -> None: ...
+
+    def save_job(self, job_id: str, route: str, status: dict[str, Any]) -> None:
+        """A training job's latest status, for every replica to read."""
+        ...
+
+    def load_job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    def add_costs(self, entries: Sequence[CostEntry]) -> None: ...
+
+    def cost_totals(
+        self, by: Sequence[str] = ("route", "kind"), route: str | None = None, since: float | None = None
+    ) -> list[dict[str, Any]]:
+        """USD and answer counts summed over the ledger, grouped `by` columns of COST_GROUPS."""
+        ...
 
     def insert_eval(self, record: EvalRecord) -> int: ...
 

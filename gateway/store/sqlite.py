@@ -13,18 +13,19 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from gateway.store.base import EvalRecord, LogRecord, RecordFilter
+from gateway.store.base import CostEntry, EvalRecord, LogRecord, RecordFilter
+from gateway.store.rows import EVAL_JSON_COLUMNS, cost_totals_sql, iso, row_to_dict, where_clause
+
+__all__ = ["SQLiteStore", "iso"]
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _COLUMNS = [f.name for f in fields(LogRecord)]
-_JSON_COLUMNS = ("request", "response", "usage")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -56,7 +57,8 @@ CREATE INDEX IF NOT EXISTS records_ts ON records(ts);
 CREATE TABLE IF NOT EXISTS route_state (
     route TEXT PRIMARY KEY,
     state TEXT NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS evals (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,64 +78,41 @@ CREATE TABLE IF NOT EXISTS evals (
     latency_ms REAL
 );
 CREATE INDEX IF NOT EXISTS evals_route_id ON evals(route, id);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    route TEXT NOT NULL,
+    status TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS costs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    day TEXT NOT NULL,
+    route TEXT NOT NULL,
+    client TEXT,
+    backend TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    usd REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS costs_route_day ON costs(route, day);
 """
 _EVAL_COLUMNS = [f.name for f in fields(EvalRecord)]
-_EVAL_JSON_COLUMNS = ("scores", "prompt", "cloud_answer", "local_answer")
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _row_to_dict(row: sqlite3.Row, json_columns: tuple[str, ...] = _JSON_COLUMNS) -> dict[str, Any]:
-    record = dict(row)
-    record["ts"] = iso(record["ts"])
-    for flag in ("stream", "passed"):
-        if record.get(flag) is not None:
-            record[flag] = bool(record[flag])
-    for column in json_columns:
-        text = record.get(column)
-        if text is not None:
-            record[column] = _json_or_text(text)
-    return record
-
-
-def _json_or_text(text: str) -> Any:
-    """A JSON column's value; its text when it is not JSON (a non-JSON body, or one cut at the
-    size cap) or nests too deeply to be written out again in a page of records: orjson reads
-    1024 levels but writes 254, and a client chooses how deep its body nests."""
-    try:
-        value = orjson.loads(text)
-        orjson.dumps([[[value]]])  # the levels a page of records puts around it
-    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
-        return text
-    return value
-
-
-def _where(where: RecordFilter) -> tuple[str, list[Any]]:
-    clauses: list[str] = []
-    params: list[Any] = []
-    for column, value, op in (
-        ("route", where.route, "="),
-        ("backend", where.backend, "="),
-        ("status", where.status, "="),
-        ("kind", where.kind, "="),
-        ("ts", where.since, ">="),
-        ("ts", where.until, "<"),
-        ("id", where.before_id, "<"),
-        ("id", where.after_id, ">"),
-    ):
-        if value is not None:
-            clauses.append(f"{column} {op} ?")
-            params.append(value)
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring a store written by an older version up to this schema (columns only grow)."""
+    """Bring a store written by an older version up to this schema (columns only grow; new
+    tables come from the CREATE IF NOT EXISTS script)."""
     have = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
     if "local_skip" not in have:  # schema 3
         conn.execute("ALTER TABLE records ADD COLUMN local_skip TEXT")
+    have = {row[1] for row in conn.execute("PRAGMA table_info(route_state)")}
+    if "version" not in have:  # schema 4: compare-and-set on route state
+        conn.execute("ALTER TABLE route_state ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
 
 
 class SQLiteStore:
@@ -191,11 +170,11 @@ class SQLiteStore:
 
     def list_records(self, where: RecordFilter, limit: int) -> list[dict[str, Any]]:
         """Newest first; page on with `RecordFilter(before_id=<last id>)`."""
-        clause, params = _where(where)
+        clause, params = where_clause(where, "?")
         rows = self._conn().execute(
             f"SELECT * FROM records{clause} ORDER BY id DESC LIMIT ?", [*params, limit]
         )
-        return [_row_to_dict(row) for row in rows]
+        return [row_to_dict(row) for row in rows]
 
     def iter_records(
         self, route: str | None = None, since_id: int | None = None, kind: str | None = "user"
@@ -203,7 +182,7 @@ class SQLiteStore:
         """Oldest first, in pages, so an export or a dataset never holds the table in memory."""
         last = since_id or 0
         while True:
-            clause, params = _where(RecordFilter(route=route, kind=kind, after_id=last))
+            clause, params = where_clause(RecordFilter(route=route, kind=kind, after_id=last), "?")
             rows = (
                 self._conn()
                 .execute(f"SELECT * FROM records{clause} ORDER BY id ASC LIMIT 500", params)
@@ -212,11 +191,11 @@ class SQLiteStore:
             if not rows:
                 return
             for row in rows:
-                yield _row_to_dict(row)
+                yield row_to_dict(row)
             last = rows[-1]["id"]
 
     def count_records(self, where: RecordFilter) -> int:
-        clause, params = _where(where)
+        clause, params = where_clause(where, "?")
         (count,) = self._conn().execute(f"SELECT COUNT(*) FROM records{clause}", params).fetchone()
         return int(count)
 
@@ -224,7 +203,7 @@ class SQLiteStore:
         """Delete, and leave no copy of what was deleted on disk: secure_delete zeroes the freed
         space in the database file, and the checkpoint moves every WAL frame (which still held
         the rows as written) into it and truncates the WAL."""
-        clause, params = _where(RecordFilter(route=route, until=before))
+        clause, params = where_clause(RecordFilter(route=route, until=before), "?")
         conn = self._conn()
         conn.execute("PRAGMA secure_delete = ON")
         with conn:
@@ -284,15 +263,94 @@ class SQLiteStore:
         return int(count), int(newest)
 
     def load_route_state(self, route: str) -> dict[str, Any] | None:
-        row = self._conn().execute("SELECT state FROM route_state WHERE route = ?", (route,)).fetchone()
+        saved = self.load_route_state_versioned(route)
+        return None if saved is None else saved[0]
+
+    def load_route_state_versioned(self, route: str) -> tuple[dict[str, Any], int] | None:
+        row = (
+            self._conn()
+            .execute("SELECT state, version FROM route_state WHERE route = ?", (route,))
+            .fetchone()
+        )
+        return None if row is None else (dict(orjson.loads(row[0])), int(row[1]))
+
+    def save_route_state(
+        self, route: str, state: dict[str, Any], expected_version: int | None = None
+    ) -> int | None:
+        text, now = orjson.dumps(state).decode(), time.time()
+        if expected_version is None:
+            sql = (
+                "INSERT INTO route_state (route, state, updated, version) VALUES (?, ?, ?, 1)"
+                " ON CONFLICT(route) DO UPDATE SET state = excluded.state, updated = excluded.updated,"
+                " version = route_state.version + 1 RETURNING version"
+            )
+            params: tuple[Any, ...] = (route, text, now)
+        elif expected_version == 0:
+            sql = (
+                "INSERT INTO route_state (route, state, updated, version) VALUES (?, ?, ?, 1)"
+                " ON CONFLICT(route) DO NOTHING RETURNING version"
+            )
+            params = (route, text, now)
+        else:
+            sql = (
+                "UPDATE route_state SET state = ?, updated = ?, version = version + 1"
+                " WHERE route = ? AND version = ? RETURNING version"
+            )
+            params = (text, now, route, expected_version)
+        row = self._conn().execute(sql, params).fetchone()
+        return None if row is None else int(row[0])
+
+    def route_state_versions(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT route, version FROM route_state").fetchall()
+        return {str(route): int(version) for route, version in rows}
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        now = time.time()
+        row = (
+            self._conn()
+            .execute(
+                "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at"
+                " WHERE leases.holder = excluded.holder OR leases.expires_at < ? RETURNING holder",
+                (name, holder, now + ttl_s, now),
+            )
+            .fetchone()
+        )
+        return row is not None
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self._conn().execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+    def save_job(self, job_id: str, route: str, status: dict[str, Any]) -> None:
+        self._conn().execute(
+            "INSERT INTO jobs (id, route, status, updated) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET status = excluded.status, updated = excluded.updated",
+            (job_id, route, orjson.dumps(status).decode(), time.time()),
+        )
+
+    def load_job(self, job_id: str) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else dict(orjson.loads(row[0]))
 
-    def save_route_state(self, route: str, state: dict[str, Any]) -> None:
-        self._conn().execute(
-            "INSERT INTO route_state (route, state, updated) VALUES (?, ?, ?)"
-            " ON CONFLICT(route) DO UPDATE SET state = excluded.state, updated = excluded.updated",
-            (route, orjson.dumps(state).decode(), time.time()),
-        )
+    def add_costs(self, entries: Sequence[CostEntry]) -> None:
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            conn.executemany(
+                "INSERT INTO costs (ts, day, route, client, backend, kind, usd) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(e.ts, iso(e.ts)[:10], e.route, e.client, e.backend, e.kind, e.usd) for e in entries],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def cost_totals(
+        self, by: Sequence[str] = ("route", "kind"), route: str | None = None, since: float | None = None
+    ) -> list[dict[str, Any]]:
+        sql, params = cost_totals_sql(by, route, since, "?")
+        return [dict(row) for row in self._conn().execute(sql, params)]
 
     def insert_eval(self, record: EvalRecord) -> int:
         placeholders = ", ".join("?" for _ in _EVAL_COLUMNS)
@@ -307,4 +365,4 @@ class SQLiteStore:
             "SELECT * FROM evals WHERE route = ? AND id < ? ORDER BY id DESC LIMIT ?",
             (route, before_id or 2**62, limit),
         )
-        return [_row_to_dict(row, _EVAL_JSON_COLUMNS) for row in rows]
+        return [row_to_dict(row, EVAL_JSON_COLUMNS) for row in rows]
