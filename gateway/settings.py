@@ -208,8 +208,8 @@ class Settings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     data_dir: Path = Path(".understudy")
-    # Empty: SQLite at data_dir/understudy.db; `sqlite:///PATH` puts it elsewhere. (PostgreSQL
-    # for several replicas is not built yet: a postgresql:// URL is refused at load time.)
+    # Empty: SQLite at data_dir/understudy.db; `sqlite:///PATH` puts it elsewhere;
+    # `postgresql://USER:PASSWORD@HOST:PORT/DB` is shared by several replicas.
     database_url: str | None = None
     redis_url: str | None = None
     admin_key: str | None = None
@@ -236,12 +236,12 @@ class Settings(_Strict):
     @field_validator("database_url")
     @classmethod
     def _supported_store(cls, value: str | None) -> str | None:
-        if value is None or value.startswith("sqlite:///"):
+        if value is None or value.startswith(("sqlite:///", "postgresql://", "postgres://")):
             return value
         scheme = value.split(":", 1)[0]
-        if scheme in ("postgres", "postgresql"):
-            raise ValueError("the PostgreSQL store is not built yet; leave it empty (SQLite)")
-        raise ValueError(f"unsupported scheme {scheme!r}: leave it empty or use sqlite:///PATH")
+        raise ValueError(
+            f"unsupported scheme {scheme!r}: leave it empty, or use sqlite:///PATH or postgresql://..."
+        )
 
     @field_validator("server_names")
     @classmethod

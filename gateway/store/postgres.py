@@ -11,7 +11,9 @@ together apply each migration once. The URL's password never reaches `describe()
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import fields
 from typing import Any
 
@@ -164,32 +166,43 @@ class PostgresStore:
             kwargs={"connect_timeout": _CONNECT_TIMEOUT_S, "application_name": "understudy"},
             name="understudy-store",
         )
+        self._open_lock = threading.Lock()
+        self._opened = False
 
     def describe(self) -> str:
         return redact(self.url)
 
     def open(self) -> None:
-        self._pool.open(wait=True, timeout=30)
-        with self._pool.connection() as conn:
+        """Connect and migrate the schema (what a gateway does at start-up)."""
+        with self._connection() as conn:
             migrate(conn)
+
+    def _connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+        """A pooled connection; the pool opens on first use, so a reader (the trainer) needs
+        no `open()`. Leaving the block commits, or rolls back on an exception."""
+        with self._open_lock:
+            if not self._opened:
+                self._pool.open(wait=True, timeout=30)
+                self._opened = True
+        return self._pool.connection()
 
     def close(self) -> None:
         self._pool.close()
 
     def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
+        with self._connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
             cursor.execute(sql, params)  # type: ignore[arg-type]  # built from constants
             return cursor.fetchall()
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             return conn.execute(sql, params).fetchone()  # type: ignore[arg-type]
 
     def insert_records(self, records: Sequence[LogRecord]) -> None:
         """One transaction, streamed with COPY: the cheapest way in per record."""
         copy = f"COPY records ({', '.join(_COLUMNS)}) FROM STDIN"
         try:
-            with self._pool.connection() as conn, conn.cursor() as cursor, cursor.copy(copy) as sink:  # type: ignore[arg-type]
+            with self._connection() as conn, conn.cursor() as cursor, cursor.copy(copy) as sink:  # type: ignore[arg-type]
                 for record in records:
                     sink.write_row(
                         [
@@ -231,7 +244,7 @@ class PostgresStore:
     def delete_records(self, route: str | None, before: float | None) -> int:
         """Deleted rows leave the table at once; PostgreSQL's autovacuum reclaims their space."""
         clause, params = where_clause(RecordFilter(route=route, until=before), "%s")
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             return conn.execute(f"DELETE FROM records{clause}", params).rowcount  # type: ignore[arg-type]
 
     def delete_record_ids(self, ids: Sequence[int]) -> int:
@@ -243,7 +256,7 @@ class PostgresStore:
     def _delete_ids(self, table: str, ids: Sequence[int]) -> int:
         if not ids:
             return 0
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             sql = f"DELETE FROM {table} WHERE id = ANY(%s)"
             return conn.execute(sql, ([int(i) for i in ids],)).rowcount  # type: ignore[arg-type]
 
@@ -311,11 +324,11 @@ class PostgresStore:
         return row is not None
 
     def release_lease(self, name: str, holder: str) -> None:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             conn.execute("DELETE FROM leases WHERE name = %s AND holder = %s", (name, holder))
 
     def save_job(self, job_id: str, route: str, status: dict[str, Any]) -> None:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             conn.execute(
                 f"INSERT INTO jobs (id, route, status, updated) VALUES (%s, %s, %s, {_NOW})"
                 " ON CONFLICT (id) DO UPDATE SET status = excluded.status, updated = excluded.updated",
@@ -344,7 +357,7 @@ class PostgresStore:
         return [row_to_dict(row, EVAL_JSON_COLUMNS) for row in rows]
 
     def add_costs(self, entries: Sequence[CostEntry]) -> None:
-        with self._pool.connection() as conn, conn.cursor() as cursor:
+        with self._connection() as conn, conn.cursor() as cursor:
             cursor.executemany(
                 "INSERT INTO costs (ts, day, route, client, backend, kind, usd)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s)",

@@ -220,3 +220,30 @@ async def test_records_wait_in_the_spill_while_postgres_refuses_and_then_land(
     rows = store.count_records(RecordFilter())
     store.close()
     assert lost == [] and rows == n + 1 and writer.depth == 0
+
+
+def test_settings_accept_a_postgres_url_and_open_store_serves_it(tmp_path: Path) -> None:
+    from gateway.settings import load_settings
+    from gateway.store.postgres import PostgresStore
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text("database_url: postgres://u:pw@db:5432/understudy\n")
+    settings = load_settings(config, environ={})
+    assert settings.store_url == "postgres://u:pw@db:5432/understudy"
+    store = open_store(settings.store_url)
+    assert isinstance(store, PostgresStore)
+    assert store.describe() == "postgresql://u@db:5432/understudy"
+    config.write_text("database_url: mysql://db/understudy\n")
+    with pytest.raises(Exception, match="unsupported scheme 'mysql'"):
+        load_settings(config, environ={})
+
+
+def test_the_trainer_reads_pairs_through_the_same_url(store_url: str, store: Store) -> None:
+    from trainer.dataset import load_route_records, records_to_samples
+
+    answer = '{"choices": [{"message": {"role": "assistant", "content": "A%d"}, "finish_reason": "stop"}]}'
+    store.insert_records(
+        [record(i, response=answer.replace("%d", str(i))) for i in range(3)] + [record(5, route="other")]
+    )
+    result = records_to_samples(load_route_records(store_url, "r"))
+    assert [s["messages"][-1]["content"] for s in result.samples] == ["A0", "A1", "A2"]
