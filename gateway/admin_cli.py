@@ -10,14 +10,15 @@ progress. `status` adds the gateway's health and recent totals above the same ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
-from typing import Any, TextIO
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO, TextIO
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 15.0
@@ -38,12 +39,34 @@ class AdminClient:
         self.admin_key = admin_key
 
     def get(self, path: str, *, auth: bool = True) -> Any:
-        request = urllib.request.Request(self.url + path, headers={"accept": "application/json"})
+        return self.call("GET", path, auth=auth)
+
+    def call(self, method: str, path: str, body: Any = None, *, auth: bool = True) -> Any:
+        """One admin API call; its JSON answer."""
+        with self._open(method, path, body, auth=auth) as response:
+            return json.loads(response.read())
+
+    def stream(self, path: str, out: BinaryIO) -> int:
+        """Copy a streamed answer (an export) to `out` as it comes; bytes copied."""
+        copied = 0
+        with self._open("GET", path, None) as response:
+            while chunk := response.read(65536):
+                out.write(chunk)
+                copied += len(chunk)
+        return copied
+
+    @contextlib.contextmanager
+    def _open(self, method: str, path: str, body: Any, *, auth: bool = True) -> Iterator[Any]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"accept": "application/json"}
+        if data is not None:
+            headers["content-type"] = "application/json"
+        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
         if auth and self.admin_key:
             request.add_header("authorization", f"Bearer {self.admin_key}")
         try:
             with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-                return json.loads(response.read())
+                yield response
         except urllib.error.HTTPError as exc:
             raise AdminError(f"{path}: {exc.code} {_error_message(exc)}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as exc:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway import admin_cli
+from gateway import admin_cli, admin_verbs
 from gateway.settings import ConfigError, Settings, load_settings
 from trainer.offline import enforce_offline
 
@@ -96,6 +96,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="understudy", description="A learning OpenAI-API gateway.")
+    parser.add_argument("--version", action="version", version=f"understudy {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway (and its local backend)")
     serve.add_argument("--config", help="gateway.yaml path (default: $UNDERSTUDY_CONFIG or ./gateway.yaml)")
@@ -113,7 +114,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     admin_cli.add_arguments(commands.add_parser("routes", help="a running gateway's routes, as a table"))
     admin_cli.add_arguments(commands.add_parser("status", help="a running gateway's health, totals, routes"))
+    admin_verbs.add_parsers(commands)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("understudy")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args)
     if args.command in ("routes", "status"):
         return admin_cli.run(args.command, args)
+    if args.command in ("route", "logs", "jobs"):
+        return admin_verbs.run(args)
     return 2
 
 
