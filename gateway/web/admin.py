@@ -14,12 +14,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from gateway.adaptive.controller import AdaptiveController
 from gateway.errors import Conflict, NotFound
 from gateway.services import Services
 from gateway.settings import RouteSettings
 from gateway.store.base import RecordFilter
-from gateway.web import dashboard, datasets, logs
-from gateway.web.common import ROUTE_NAME, adaptive_controller, json_body, route_of
+from gateway.web import dashboard, logs
+from gateway.web.common import json_body
 from gateway.web.endpoints import Endpoint, Param, build_routes, openapi_document
 from gateway.web.schemas import (
     AdapterList,
@@ -36,6 +37,27 @@ from gateway.web.schemas import (
     Traffic,
 )
 from trainer.errors import JobConflict
+
+_ROUTE_NAME = Param(
+    "name", "path", {"type": "string"}, "the route's name in gateway.yaml (`default` included)"
+)
+
+
+def _route(services: Services, request: Request) -> RouteSettings:
+    name = request.path_params["name"]
+    route = services.routes.by_name.get(name)
+    if route is None:
+        raise NotFound(f"no route named {name[:64]!r}", code="route_not_found")
+    return route
+
+
+def _adaptive(services: Services, route: RouteSettings) -> AdaptiveController:
+    """The controller, if `route` adapts; 409 otherwise (the route exists but has no cycle)."""
+    controller = services.controller
+    if controller is None or route.name not in controller.routes:
+        why = "the local backend is off (local.enabled)" if route.adapt else "set adapt: true on it"
+        raise Conflict(f"route {route.name!r} does not adapt: {why}", code="route_not_adaptive")
+    return controller
 
 
 def route_summary(services: Services, route: RouteSettings) -> RouteSummary:
@@ -67,7 +89,7 @@ def _traffic(services: Services, route: str) -> Traffic:
 
 
 async def get_route(request: Request, services: Services) -> RouteDetail:
-    route = route_of(services, request)
+    route = _route(services, request)
     summary = route_summary(services, route)
     traffic = await asyncio.to_thread(_traffic, services, route.name)
     evals = await asyncio.to_thread(services.store.list_evals, route.name, 20)
@@ -81,15 +103,15 @@ async def get_route(request: Request, services: Services) -> RouteDetail:
 
 
 async def set_mode(request: Request, services: Services) -> RouteSummary:
-    route = route_of(services, request)
+    route = _route(services, request)
     body = await json_body(request, ModeRequest)
-    await adaptive_controller(services, route).set_mode(route.name, body.mode)
+    await _adaptive(services, route).set_mode(route.name, body.mode)
     return route_summary(services, route)
 
 
 async def train_route(request: Request, services: Services) -> JobAccepted:
-    route = route_of(services, request)
-    controller = adaptive_controller(services, route)
+    route = _route(services, request)
+    controller = _adaptive(services, route)
     try:
         job_id = await controller.train_now(route.name)
     except JobConflict as exc:
@@ -116,14 +138,14 @@ async def cancel_job(request: Request, services: Services) -> JobStatus:
 
 
 async def eval_route(request: Request, services: Services) -> EvalAccepted:
-    route = route_of(services, request)
-    version = await adaptive_controller(services, route).eval_now(route.name)
+    route = _route(services, request)
+    version = await _adaptive(services, route).eval_now(route.name)
     return EvalAccepted(adapter_version=version)
 
 
 async def list_adapters(request: Request, services: Services) -> AdapterList:
-    route = route_of(services, request)
-    controller = adaptive_controller(services, route)
+    route = _route(services, request)
+    controller = _adaptive(services, route)
     state = controller.runtime(route.name).state
     versions = await asyncio.to_thread(controller.adapters.versions, route.name)
     data = [
@@ -140,9 +162,9 @@ async def list_adapters(request: Request, services: Services) -> AdapterList:
 
 
 async def set_adapter(request: Request, services: Services) -> RouteSummary:
-    route = route_of(services, request)
+    route = _route(services, request)
     body = await json_body(request, AdapterRequest)
-    controller = adaptive_controller(services, route)
+    controller = _adaptive(services, route)
     known = {v.version for v in await asyncio.to_thread(controller.adapters.versions, route.name)}
     if body.version not in known:
         raise NotFound(f"route {route.name!r} has no adapter v{body.version}", code="adapter_not_found")
@@ -168,7 +190,6 @@ def _openapi_json() -> bytes:
 
 endpoints: list[Endpoint] = [
     *logs.endpoints,
-    *datasets.endpoints,
     Endpoint("GET", "/admin/routes", list_routes, "Every configured route and its state", RouteList),
     Endpoint(
         "GET",
@@ -176,7 +197,7 @@ endpoints: list[Endpoint] = [
         get_route,
         "One route: state, traffic by backend, recent evals",
         RouteDetail,
-        params=(ROUTE_NAME,),
+        params=(_ROUTE_NAME,),
         errors=(404,),
     ),
     Endpoint(
@@ -186,7 +207,7 @@ endpoints: list[Endpoint] = [
         "Pin the route to cloud or local, or return it to auto",
         RouteSummary,
         body=ModeRequest,
-        params=(ROUTE_NAME,),
+        params=(_ROUTE_NAME,),
         errors=(400, 404, 409, 413, 422),
     ),
     Endpoint(
@@ -196,7 +217,7 @@ endpoints: list[Endpoint] = [
         "Start a training job now (202), or 409 while one runs",
         JobAccepted,
         status=202,
-        params=(ROUTE_NAME,),
+        params=(_ROUTE_NAME,),
         errors=(404, 409),
     ),
     Endpoint(
@@ -206,7 +227,7 @@ endpoints: list[Endpoint] = [
         "Re-run the held-out evaluation of the candidate (or serving) adapter",
         EvalAccepted,
         status=202,
-        params=(ROUTE_NAME,),
+        params=(_ROUTE_NAME,),
         errors=(404, 409),
     ),
     Endpoint(
@@ -215,7 +236,7 @@ endpoints: list[Endpoint] = [
         list_adapters,
         "The route's adapter versions, newest first",
         AdapterList,
-        params=(ROUTE_NAME,),
+        params=(_ROUTE_NAME,),
         errors=(404, 409),
     ),
     Endpoint(
@@ -225,7 +246,7 @@ endpoints: list[Endpoint] = [
         "Serve another adapter version (roll back or forward)",
         RouteSummary,
         body=AdapterRequest,
-        params=(ROUTE_NAME,),
+        params=(_ROUTE_NAME,),
         errors=(400, 404, 409, 413, 422, 502),
     ),
     Endpoint(
