@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +47,11 @@ _MAX_SHADOW_TASKS = 4
 # Fields that only mean something on a streamed request: the real API refuses
 # `stream_options` on a non-streamed one, so a re-ask must drop them all.
 _STREAM_ONLY_FIELDS = ("stream", "stream_options")
+# Replicas share route state through the store: each looks for others' changes this often,
+# and holds a route's training lease this long between renewals (a dead holder's expires).
+_FOLLOW_S = 1.0
+_LEASE_TTL_S = 60.0
+_CAS_ATTEMPTS = 20
 
 
 @dataclass
@@ -58,6 +66,10 @@ class RouteRuntime:
     # upstream judge with no judge_model grades with it.
     last_model: str | None = None
     synthesizing: bool = False
+    # The status of a job another replica runs for this route, as it last shared it.
+    shared_job: dict[str, Any] | None = None
+    # The stored state's version this replica last read or wrote (compare-and-set on it).
+    version: int = 0
 
     @property
     def name(self) -> str:
@@ -88,6 +100,8 @@ class AdaptiveController:
         self.pays_for_own_calls: Callable[[str], bool] = lambda route: True
         # What a cloud answer cost in USD (the synthetic-data cap counts it).
         self.price_answer: Callable[[dict[str, Any]], float] = lambda answer: 0.0
+        # Who holds a route's training lease: this process, among every replica.
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -100,6 +114,8 @@ class AdaptiveController:
         for runtime in self.routes.values():
             self._publish_mode(runtime)
             self._resume(runtime)
+        if self.routes:
+            self._spawn(self._follow_others())
 
     async def check_local_backend(self) -> None:
         """Learn the local model's context and whether it can generate with an adapter at
@@ -123,12 +139,12 @@ class AdaptiveController:
         await self.jobs.aclose(cancel_running=True)
 
     async def _load(self, route: RouteSettings) -> RouteRuntime:
-        saved = await asyncio.to_thread(self.store.load_route_state, route.name)
-        state = RouteState.from_json(saved, route.policy.window) if saved else RouteState(route.name)
         judge = build_judge(
             route.policy.judge, route.policy.threshold, self._judge_model(route), self._judge_call(route)
         )
-        return RouteRuntime(route, state, judge)
+        runtime = RouteRuntime(route, RouteState(route.name), judge)
+        await self._refresh(runtime)
+        return runtime
 
     def _judge_model(self, route: RouteSettings) -> str | None:
         """The grader's model; None means the model of each request being judged."""
@@ -265,12 +281,29 @@ class AdaptiveController:
             ):
                 self._maybe_synthesize(runtime, count, made)
                 return None
+            if not await self._take_training_lease(runtime, force):
+                return None
             spec, failed = await self._job_spec(runtime)
             job_id = await self.jobs.start(runtime.name, spec, failed_pairs=failed)
-            policy.training_started(state, job_id, newest, time.time())
-            await self._persist(runtime)
+            await self._save(runtime, lambda s: policy.training_started(s, job_id, newest, time.time()))
         self._spawn(self._watch_job(runtime, job_id))
         return job_id
+
+    async def _take_training_lease(self, runtime: RouteRuntime, force: bool) -> bool:
+        """Whether this replica may start the route's job: it holds the route's lease, and
+        the state (re-read under the lease) still wants one. Another replica's job → no."""
+        name = _lease(runtime)
+        if not await asyncio.to_thread(self.store.acquire_lease, name, self.replica_id, _LEASE_TTL_S):
+            if force:
+                raise Conflict(f"route {runtime.name!r} is being trained by another replica")
+            return False
+        await self._refresh(runtime)
+        if runtime.state.job_id is None and (force or runtime.state.mode == "cloud"):
+            return True
+        await asyncio.to_thread(self.store.release_lease, name, self.replica_id)
+        if force:
+            raise Conflict(f"route {runtime.name!r} already has a training job ({runtime.state.job_id})")
+        return False
 
     async def _job_spec(self, runtime: RouteRuntime) -> tuple[TrainSpec, list[dict[str, Any]]]:
         previous = runtime.state.rejected_version or runtime.state.active_version
@@ -284,12 +317,38 @@ class AdaptiveController:
         return any(runtime.state.serving_mode == "local" for runtime in self.routes.values())
 
     async def _watch_job(self, runtime: RouteRuntime, job_id: str) -> None:
+        """Follow this replica's job to its end, holding the route's lease meanwhile."""
+        renewing = asyncio.create_task(self._renew_lease(runtime, job_id))
+        try:
+            await self._conclude_job(runtime, job_id)
+        finally:
+            renewing.cancel()
+            await asyncio.to_thread(self.store.release_lease, _lease(runtime), self.replica_id)
+
+    async def _renew_lease(self, runtime: RouteRuntime, job_id: str) -> None:
+        while True:
+            status = self.jobs.status(job_id)
+            if status is not None:
+                await asyncio.to_thread(self.store.save_job, job_id, runtime.name, status)
+            if not await asyncio.to_thread(
+                self.store.acquire_lease, _lease(runtime), self.replica_id, _LEASE_TTL_S
+            ):
+                log.warning(
+                    "route %s: another replica took the training lease of job %s", runtime.name, job_id
+                )
+            await asyncio.sleep(min(_LEASE_TTL_S / 3, 2.0))
+
+    async def _conclude_job(self, runtime: RouteRuntime, job_id: str) -> None:
         final = await self.jobs.wait(job_id) or {"status": "error", "message": "job vanished"}
+        await asyncio.to_thread(self.store.save_job, job_id, runtime.name, final)
         self.metrics.training_jobs.labels(runtime.name, final["status"]).inc()
         if final["status"] != "completed" or not final.get("adapter_path"):
             reason = str(final.get("message") or "training failed")
             await self._change(
-                runtime, lambda s: policy.training_failed(s, runtime.settings.policy, reason, time.time())
+                runtime,
+                _of_job(
+                    job_id, lambda s: policy.training_failed(s, runtime.settings.policy, reason, time.time())
+                ),
             )
             return
         version = int(Path(final["adapter_path"]).name.lstrip("v"))
@@ -298,11 +357,16 @@ class AdaptiveController:
         except LocalBackendError as exc:
             reason = f"could not load the adapter: {exc}"
             await self._change(
-                runtime, lambda s: policy.training_failed(s, runtime.settings.policy, reason, time.time())
+                runtime,
+                _of_job(
+                    job_id, lambda s: policy.training_failed(s, runtime.settings.policy, reason, time.time())
+                ),
             )
             return
         window = max(runtime.settings.policy.window, runtime.settings.policy.promote_after)
-        await self._change(runtime, lambda s: policy.training_completed(s, version, window, time.time()))
+        await self._change(
+            runtime, _of_job(job_id, lambda s: policy.training_completed(s, version, window, time.time()))
+        )
         self._spawn(self._eval_deadline(runtime, version))
         self._spawn(self._heldout_eval(runtime, version))
 
@@ -486,7 +550,7 @@ class AdaptiveController:
     def describe(self, route: str) -> dict[str, Any]:
         runtime = self.runtime(route)
         state = runtime.state
-        job = self.jobs.status(state.job_id) if state.job_id else None
+        job = (self.jobs.status(state.job_id) or runtime.shared_job) if state.job_id else None
         return {**policy.view(state, runtime.settings.policy), "job": job, "blocked": self.blocked}
 
     def problems(self) -> list[str]:
@@ -505,8 +569,7 @@ class AdaptiveController:
         """Apply one state change and persist it before anything else sees it."""
         async with runtime.lock:
             before = runtime.state.mode
-            mutate(runtime.state)
-            await self._persist(runtime)
+            await self._save(runtime, mutate)
         if runtime.state.mode != before:
             log.info(
                 "route %s: %s -> %s (%s)",
@@ -517,8 +580,73 @@ class AdaptiveController:
             )
         self._publish_mode(runtime)
 
-    async def _persist(self, runtime: RouteRuntime) -> None:
-        await asyncio.to_thread(self.store.save_route_state, runtime.name, runtime.state.to_json())
+    async def _save(self, runtime: RouteRuntime, mutate: Callable[[RouteState], None]) -> None:
+        """Apply `mutate` and compare-and-set the result on the stored version (the caller
+        holds the route's lock). When another replica changed the route first, reload its
+        state and apply `mutate` again: the rules are pure, so nobody's update is lost."""
+        for _ in range(_CAS_ATTEMPTS):
+            mutate(runtime.state)
+            saved = await asyncio.to_thread(
+                self.store.save_route_state, runtime.name, runtime.state.to_json(), runtime.version
+            )
+            if saved is not None:
+                runtime.version = saved
+                return
+            await self._refresh(runtime)
+        raise RuntimeError(f"route {runtime.name}: state kept changing under {_CAS_ATTEMPTS} attempts")
+
+    async def _refresh(self, runtime: RouteRuntime) -> bool:
+        """Read the stored state if it is newer than ours; in place, so every holder of
+        `runtime.state` sees it. True when it changed."""
+        saved = await asyncio.to_thread(self.store.load_route_state_versioned, runtime.name)
+        if saved is None or saved[1] == runtime.version:
+            return False
+        fresh = RouteState.from_json(saved[0], runtime.settings.policy.window)
+        vars(runtime.state).update(vars(fresh))
+        runtime.version = saved[1]
+        return True
+
+    async def _follow_others(self) -> None:
+        """Learn other replicas' changes (pins, promotions, verdicts, rollbacks) within about
+        `_FOLLOW_S`, and take over a route whose training replica is gone."""
+        while True:
+            await asyncio.sleep(_FOLLOW_S)
+            try:
+                versions = await asyncio.to_thread(self.store.route_state_versions)
+                for name, runtime in self.routes.items():
+                    if versions.get(name, 0) != runtime.version:
+                        await self._follow(runtime)
+                    if runtime.state.job_id and self.jobs.status(runtime.state.job_id) is None:
+                        await self._watch_remote_job(runtime, runtime.state.job_id)
+            except Exception:  # the store is down for a moment: keep following, loudly
+                log.warning("could not read the shared route state", exc_info=True)
+
+    async def _follow(self, runtime: RouteRuntime) -> None:
+        async with runtime.lock:
+            before = runtime.state.mode
+            if not await self._refresh(runtime):
+                return
+        if runtime.state.mode != before:
+            log.info("route %s: %s -> %s (on another replica)", runtime.name, before, runtime.state.mode)
+        self._publish_mode(runtime)
+
+    async def _watch_remote_job(self, runtime: RouteRuntime, job_id: str) -> None:
+        """Another replica runs this job: show its status, and when its lease has expired
+        (that replica died), end the job as failed so the route can train again."""
+        runtime.shared_job = await asyncio.to_thread(self.store.load_job, job_id)
+        name = _lease(runtime)
+        if not await asyncio.to_thread(self.store.acquire_lease, name, self.replica_id, _LEASE_TTL_S):
+            return
+        try:
+            reason = "the replica running it is gone"
+            await self._change(
+                runtime,
+                _of_job(
+                    job_id, lambda s: policy.training_failed(s, runtime.settings.policy, reason, time.time())
+                ),
+            )
+        finally:
+            await asyncio.to_thread(self.store.release_lease, name, self.replica_id)
 
     def _publish_mode(self, runtime: RouteRuntime) -> None:
         current: Mode = runtime.state.mode
@@ -529,3 +657,18 @@ class AdaptiveController:
             self.metrics.eval_score.labels(runtime.name).set(score)
         failing = runtime.state.failed_trainings > 0 and current == "cloud"
         self.metrics.route_blocked.labels(runtime.name, "training_failed").set(1 if failing else 0)
+
+
+def _lease(runtime: RouteRuntime) -> str:
+    return f"train/{runtime.name}"
+
+
+def _of_job(job_id: str, mutate: Callable[[RouteState], None]) -> Callable[[RouteState], None]:
+    """`mutate`, applied only while the route still runs `job_id` (a replica that reloads
+    after a conflict must not end a job that is no longer the route's)."""
+
+    def apply(state: RouteState) -> None:
+        if state.job_id == job_id:
+            mutate(state)
+
+    return apply
