@@ -46,6 +46,25 @@ class AdminClient:
         with self._open(method, path, body, auth=auth) as response:
             return json.loads(response.read())
 
+    def upload(self, path: str, data: bytes) -> tuple[int, Any]:
+        """POST a file as it is; (status, JSON answer), a 4xx answer included (its body
+        may list what was wrong, line by line)."""
+        request = urllib.request.Request(self.url + path, data=data, method="POST")
+        request.add_header("content-type", "application/x-ndjson")
+        if self.admin_key:
+            request.add_header("authorization", f"Bearer {self.admin_key}")
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if 400 <= exc.code < 500:
+                return exc.code, json.loads(exc.read() or b"{}")
+            raise AdminError(f"{path}: {exc.code} {_error_message(exc)}") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise Unreachable(
+                f"cannot reach the gateway at {self.url} ({getattr(exc, 'reason', exc)})"
+            ) from None
+
     def stream(self, path: str, out: BinaryIO) -> int:
         """Copy a streamed answer (an export) to `out` as it comes; bytes copied."""
         copied = 0

@@ -5,6 +5,8 @@
     understudy route rollback NAME [--version N]    understudy route adapters NAME
     understudy logs export [--route R ...] [-o F]   understudy logs delete [--route R] [--before T] [--retrain]
     understudy jobs show ID                         understudy jobs cancel ID
+    understudy dataset import --route R FILE [--name N] [--train-only]
+    understudy dataset list --route R               understudy dataset delete --route R ID
 
 Each prints a small table, or with `--json` the admin API's answer as it came.
 """
@@ -163,7 +165,39 @@ def jobs_cancel(client: AdminClient, args: argparse.Namespace) -> tuple[Any, lis
     return job, _pairs(job, _JOB_KEYS)
 
 
+# --- datasets -------------------------------------------------------------------------------
+
+_IMPORT_KEYS = ("id", "route", "name", "pairs", "heldout")
+
+
+def dataset_import(client: AdminClient, args: argparse.Namespace) -> tuple[Any, list[list[str]]]:
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise AdminError(f"cannot read {args.file}: {exc.strerror}") from None
+    query = {"name": args.name or Path(args.file).name, "heldout": "false" if args.train_only else None}
+    status, answer = client.upload(f"/admin/routes/{_q(args.route)}/dataset?" + _query(query), data)
+    if status >= 400:
+        lines = [f"line {e['line']}: {e['error']}" for e in answer.get("errors", [])]
+        message = (answer.get("error") or {}).get("message", f"HTTP {status}")
+        raise AdminError("\n".join([message, *lines]))
+    return answer, _pairs(answer, _IMPORT_KEYS)
+
+
+def dataset_list(client: AdminClient, args: argparse.Namespace) -> tuple[Any, list[list[str]]]:
+    found = client.get(f"/admin/routes/{_q(args.route)}/datasets")
+    return found, [[_cell(d.get(k)) for k in ("id", "name", "pairs", "heldout")] for d in found["data"]]
+
+
+def dataset_delete(client: AdminClient, args: argparse.Namespace) -> tuple[Any, list[list[str]]]:
+    result = client.call("DELETE", f"/admin/routes/{_q(args.route)}/datasets/{_q(args.import_id)}")
+    return result, _pairs(result, ("id", "deleted"))
+
+
 ACTIONS: dict[tuple[str, str], Action] = {
+    ("dataset", "import"): dataset_import,
+    ("dataset", "list"): dataset_list,
+    ("dataset", "delete"): dataset_delete,
     ("route", "pin"): route_pin,
     ("route", "unpin"): route_unpin,
     ("route", "train"): route_train,
@@ -174,7 +208,10 @@ ACTIONS: dict[tuple[str, str], Action] = {
     ("jobs", "show"): jobs_show,
     ("jobs", "cancel"): jobs_cancel,
 }
-HEADERS = {("route", "adapters"): ("VERSION", "ROLE", "SAMPLES", "TRAIN LOSS", "CREATED")}
+HEADERS = {
+    ("route", "adapters"): ("VERSION", "ROLE", "SAMPLES", "TRAIN LOSS", "CREATED"),
+    ("dataset", "list"): ("ID", "NAME", "PAIRS", "HELD OUT"),
+}
 
 
 # --- parsing and running --------------------------------------------------------------------
@@ -205,6 +242,19 @@ def add_parsers(commands: Any) -> None:
     delete.add_argument("--before", help="ISO 8601: delete records strictly before")
     delete.add_argument("--retrain", action="store_true", help="retrain adapters trained on deleted pairs")
     add_arguments(delete)
+
+    dataset = commands.add_parser("dataset", help="seed a route from OpenAI fine-tuning JSONL")
+    dataset_verbs = dataset.add_subparsers(dest="verb", required=True)
+    upload = dataset_verbs.add_parser("import", help="import a JSONL file (every bad line is reported)")
+    upload.add_argument("file", metavar="FILE")
+    upload.add_argument("--name", help="a label (default: the file's name)")
+    upload.add_argument("--train-only", action="store_true", help="never hold these pairs out for the judge")
+    listing = dataset_verbs.add_parser("list", help="the route's imports")
+    remove = dataset_verbs.add_parser("delete", help="delete an import")
+    remove.add_argument("import_id", metavar="ID")
+    for parser in (upload, listing, remove):
+        parser.add_argument("--route", required=True)
+        add_arguments(parser)
 
     jobs = commands.add_parser("jobs", help="training jobs: show or cancel")
     job_verbs = jobs.add_subparsers(dest="verb", required=True)

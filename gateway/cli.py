@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args)
     if args.command in ("routes", "status"):
         return admin_cli.run(args.command, args)
-    if args.command in ("route", "logs", "jobs"):
+    if args.command in ("route", "logs", "jobs", "dataset"):
         return admin_verbs.run(args)
     return 2
 

@@ -9,6 +9,7 @@
     │   ├── Conflict                  409 conflict_error
     │   ├── PayloadTooLarge           413 invalid_request_error
     │   ├── Unprocessable             422 invalid_request_error: well-formed, fails validation
+    │   │   └── InvalidDataset        422: an upload with bad lines, each listed
     │   └── RateLimited               429 rate_limit_error (+ Retry-After)
     ├── ServiceError                  5xx: the gateway's world is at fault
     │   ├── UpstreamUnreachable       502 upstream_error
@@ -179,3 +180,16 @@ class ConfigError(GatewayError, ValueError):
     """The configuration cannot be used; the message names the offending key."""
 
     code = "config_error"
+
+
+class InvalidDataset(Unprocessable):
+    """An uploaded dataset with bad lines: every one is listed (up to a cap) beside the error."""
+
+    code = "invalid_dataset"
+
+    def __init__(self, message: str, errors: list[dict[str, object]]):
+        super().__init__(message, param="body")
+        self.errors = errors
+
+    def body(self) -> dict[str, object]:
+        return {**super().body(), "errors": self.errors}

@@ -214,6 +214,8 @@ class Settings(_Strict):
     redis_url: str | None = None
     admin_key: str | None = None
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    # An uploaded dataset (POST /admin/routes/{name}/dataset) at most.
+    max_import_bytes: int = Field(100 * 1024 * 1024, ge=1)
     upstream: UpstreamSettings = UpstreamSettings()
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
     local: LocalSettings = LocalSettings()

@@ -14,19 +14,20 @@ from typing import Any
 
 from trainer.adapters import HELDOUT_FILE, TRAIN_FILE, AdapterRegistry, AdapterVersion
 from trainer.dataset import (
-    SYNTHETIC_KEY,
     Conversion,
     Sample,
     data_hash,
     default_store_url,
     heldout_bucket,
+    load_imports,
     load_route_records,
     load_samples,
     offers_tools,
+    origin_counts,
     prompt_key,
     records_to_samples,
     split_samples,
-    split_synthetic,
+    split_train_only,
     write_jsonl,
 )
 from trainer.errors import DataError, TrainerError
@@ -55,7 +56,9 @@ def collect_samples(spec: TrainSpec, data_dir: Path, route: str) -> Conversion:
     """Usable samples from `spec.data` when given, else from the route's log store."""
     if spec.data is not None:
         return load_samples(spec.data)
-    return records_to_samples(load_route_records(spec.store_url or default_store_url(data_dir), route))
+    conversion = records_to_samples(load_route_records(spec.store_url or default_store_url(data_dir), route))
+    conversion.samples.extend(load_imports(data_dir, route))
+    return conversion
 
 
 def describe(exc: BaseException) -> str:
@@ -119,9 +122,9 @@ def _train_and_publish(
     conversion = collect_samples(spec, ctx.data_dir, ctx.route)
     if not conversion.samples:
         raise DataError(f"no usable pairs for route {ctx.route!r} (skipped: {dict(conversion.skipped)})")
-    real, synthetic = split_synthetic(conversion.samples)
-    pool, heldout = split_samples(real, spec.eval_fraction)  # the judge grades real traffic only
-    chosen = choose_training_set(spec, pool + synthetic, heldout)
+    judged, train_only = split_train_only(conversion.samples)
+    pool, heldout = split_samples(judged, spec.eval_fraction)  # never a synthetic pair
+    chosen = choose_training_set(spec, pool + train_only, heldout)
     log.info(
         "route %s: %d train, %d validation, %d held out (%s), skipped %s",
         ctx.route,
@@ -163,8 +166,7 @@ def build_meta(
         "data_source": str(spec.data) if spec.data else "log store",
         "data_hash": data_hash(conversion.samples),
         "sample_count": len(conversion.samples),
-        "real_count": sum(1 for s in conversion.samples if not s.get(SYNTHETIC_KEY)),
-        "synthetic_count": sum(1 for s in conversion.samples if s.get(SYNTHETIC_KEY)),
+        **origin_counts(conversion.samples),
         "train_count": len(chosen.train),
         "trained_with_tools": offers_tools(chosen.train),
         "validation_count": len(chosen.validation),

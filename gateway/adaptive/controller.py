@@ -30,6 +30,7 @@ from gateway.adaptive.synthetic import Synthesizer, pairs_wanted, real_requests,
 from gateway.domain import LOCAL_ENDPOINT
 from gateway.domain.exchange import Exchange
 from gateway.errors import Conflict, GatewayError, InvalidRequest, NotFound
+from gateway.imports import Imports
 from gateway.local.client import LocalBackendClient, LocalBackendError, adapter_name
 from gateway.metrics import Metrics
 from gateway.settings import RouteSettings, Settings
@@ -87,6 +88,7 @@ class AdaptiveController:
         self.cloud = cloud
         self.jobs = JobManager(settings.data_dir)
         self.adapters = AdapterRegistry(settings.data_dir)
+        self.imports = Imports(settings.data_dir)
         self.routes: dict[str, RouteRuntime] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shadow_slots = asyncio.Semaphore(_MAX_SHADOW_TASKS)
@@ -237,6 +239,12 @@ class AdaptiveController:
         elif ex.backend == "local" and random.random() < runtime.settings.policy.eval_rate:
             self._spawn_shadow(runtime, self._spot_check(runtime, request, answer, ex.authorization))
 
+    def check_training(self, route: str) -> None:
+        """New data arrived outside the traffic (an import): see whether the route can train."""
+        runtime = self.routes.get(route)
+        if runtime is not None and runtime.state.mode == "cloud":
+            self._spawn(self._maybe_train(runtime))
+
     def _spawn_shadow(self, runtime: RouteRuntime, coroutine: Coroutine[Any, Any, Any]) -> None:
         if self._shadow_slots.locked():
             coroutine.close()
@@ -270,6 +278,7 @@ class AdaptiveController:
             count, newest = await asyncio.to_thread(
                 self.store.count_usable_pairs, runtime.name, state.trained_through_id
             )
+            count += await asyncio.to_thread(self.imports.pairs_since, runtime.name, state.last_train_at)
             made, newest_made = await asyncio.to_thread(
                 synthetic_pairs, self.store, runtime.name, state.trained_through_id
             )

@@ -14,13 +14,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from gateway.adaptive.controller import AdaptiveController
 from gateway.errors import Conflict, NotFound
 from gateway.services import Services
 from gateway.settings import RouteSettings
 from gateway.store.base import RecordFilter
-from gateway.web import dashboard, logs
-from gateway.web.common import json_body
+from gateway.web import dashboard, datasets, logs
+from gateway.web.common import ROUTE_NAME, adaptive_controller, json_body, route_of
 from gateway.web.endpoints import Endpoint, Param, build_routes, openapi_document
 from gateway.web.schemas import (
     AdapterList,
@@ -37,27 +36,6 @@ from gateway.web.schemas import (
     Traffic,
 )
 from trainer.errors import JobConflict
-
-_ROUTE_NAME = Param(
-    "name", "path", {"type": "string"}, "the route's name in gateway.yaml (`default` included)"
-)
-
-
-def _route(services: Services, request: Request) -> RouteSettings:
-    name = request.path_params["name"]
-    route = services.routes.by_name.get(name)
-    if route is None:
-        raise NotFound(f"no route named {name[:64]!r}", code="route_not_found")
-    return route
-
-
-def _adaptive(services: Services, route: RouteSettings) -> AdaptiveController:
-    """The controller, if `route` adapts; 409 otherwise (the route exists but has no cycle)."""
-    controller = services.controller
-    if controller is None or route.name not in controller.routes:
-        why = "the local backend is off (local.enabled)" if route.adapt else "set adapt: true on it"
-        raise Conflict(f"route {route.name!r} does not adapt: {why}", code="route_not_adaptive")
-    return controller
 
 
 def route_summary(services: Services, route: RouteSettings) -> RouteSummary:
@@ -89,7 +67,7 @@ def _traffic(services: Services, route: str) -> Traffic:
 
 
 async def get_route(request: Request, services: Services) -> RouteDetail:
-    route = _route(services, request)
+    route = route_of(services, request)
     summary = route_summary(services, route)
     traffic = await asyncio.to_thread(_traffic, services, route.name)
     evals = await asyncio.to_thread(services.store.list_evals, route.name, 20)
@@ -103,15 +81,15 @@ async def get_route(request: Request, services: Services) -> RouteDetail:
 
 
 async def set_mode(request: Request, services: Services) -> RouteSummary:
-    route = _route(services, request)
+    route = route_of(services, request)
     body = await json_body(request, ModeRequest)
-    await _adaptive(services, route).set_mode(route.name, body.mode)
+    await adaptive_controller(services, route).set_mode(route.name, body.mode)
     return route_summary(services, route)
 
 
 async def train_route(request: Request, services: Services) -> JobAccepted:
-    route = _route(services, request)
-    controller = _adaptive(services, route)
+    route = route_of(services, request)
+    controller = adaptive_controller(services, route)
     try:
         job_id = await controller.train_now(route.name)
     except JobConflict as exc:
@@ -138,14 +116,14 @@ async def cancel_job(request: Request, services: Services) -> JobStatus:
 
 
 async def eval_route(request: Request, services: Services) -> EvalAccepted:
-    route = _route(services, request)
-    version = await _adaptive(services, route).eval_now(route.name)
+    route = route_of(services, request)
+    version = await adaptive_controller(services, route).eval_now(route.name)
     return EvalAccepted(adapter_version=version)
 
 
 async def list_adapters(request: Request, services: Services) -> AdapterList:
-    route = _route(services, request)
-    controller = _adaptive(services, route)
+    route = route_of(services, request)
+    controller = adaptive_controller(services, route)
     state = controller.runtime(route.name).state
     versions = await asyncio.to_thread(controller.adapters.versions, route.name)
     data = [
@@ -162,9 +140,9 @@ async def list_adapters(request: Request, services: Services) -> AdapterList:
 
 
 async def set_adapter(request: Request, services: Services) -> RouteSummary:
-    route = _route(services, request)
+    route = route_of(services, request)
     body = await json_body(request, AdapterRequest)
-    controller = _adaptive(services, route)
+    controller = adaptive_controller(services, route)
     known = {v.version for v in await asyncio.to_thread(controller.adapters.versions, route.name)}
     if body.version not in known:
         raise NotFound(f"route {route.name!r} has no adapter v{body.version}", code="adapter_not_found")
@@ -190,6 +168,7 @@ def _openapi_json() -> bytes:
 
 endpoints: list[Endpoint] = [
     *logs.endpoints,
+    *datasets.endpoints,
     Endpoint("GET", "/admin/routes", list_routes, "Every configured route and its state", RouteList),
     Endpoint(
         "GET",
@@ -197,7 +176,7 @@ endpoints: list[Endpoint] = [
         get_route,
         "One route: state, traffic by backend, recent evals",
         RouteDetail,
-        params=(_ROUTE_NAME,),
+        params=(ROUTE_NAME,),
         errors=(404,),
     ),
     Endpoint(
@@ -207,7 +186,7 @@ endpoints: list[Endpoint] = [
         "Pin the route to cloud or local, or return it to auto",
         RouteSummary,
         body=ModeRequest,
-        params=(_ROUTE_NAME,),
+        params=(ROUTE_NAME,),
         errors=(400, 404, 409, 413, 422),
     ),
     Endpoint(
@@ -217,7 +196,7 @@ endpoints: list[Endpoint] = [
         "Start a training job now (202), or 409 while one runs",
         JobAccepted,
         status=202,
-        params=(_ROUTE_NAME,),
+        params=(ROUTE_NAME,),
         errors=(404, 409),
     ),
     Endpoint(
@@ -227,7 +206,7 @@ endpoints: list[Endpoint] = [
         "Re-run the held-out evaluation of the candidate (or serving) adapter",
         EvalAccepted,
         status=202,
-        params=(_ROUTE_NAME,),
+        params=(ROUTE_NAME,),
         errors=(404, 409),
     ),
     Endpoint(
@@ -236,7 +215,7 @@ endpoints: list[Endpoint] = [
         list_adapters,
         "The route's adapter versions, newest first",
         AdapterList,
-        params=(_ROUTE_NAME,),
+        params=(ROUTE_NAME,),
         errors=(404, 409),
     ),
     Endpoint(
@@ -246,7 +225,7 @@ endpoints: list[Endpoint] = [
         "Serve another adapter version (roll back or forward)",
         RouteSummary,
         body=AdapterRequest,
-        params=(_ROUTE_NAME,),
+        params=(ROUTE_NAME,),
         errors=(400, 404, 409, 413, 422, 502),
     ),
     Endpoint(

@@ -13,7 +13,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, Unprocessable
+from gateway.adaptive.controller import AdaptiveController
+from gateway.errors import Conflict, GatewayError, InvalidRequest, NotFound, PayloadTooLarge, Unprocessable
+from gateway.services import Services
+from gateway.settings import RouteSettings
+from gateway.web.endpoints import Param
 
 M = TypeVar("M", bound=BaseModel)
 # Admin bodies are a handful of fields; anything bigger is a mistake or an attack.
@@ -118,3 +122,25 @@ async def json_body(request: Request, model: type[M]) -> M:
         param = ".".join(map(str, first["loc"])) or None
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise Unprocessable(f"invalid request body: {problems}", param=param) from None
+
+
+ROUTE_NAME = Param(
+    "name", "path", {"type": "string"}, "the route's name in gateway.yaml (`default` included)"
+)
+
+
+def route_of(services: Services, request: Request) -> RouteSettings:
+    name = request.path_params["name"]
+    route = services.routes.by_name.get(name)
+    if route is None:
+        raise NotFound(f"no route named {name[:64]!r}", code="route_not_found")
+    return route
+
+
+def adaptive_controller(services: Services, route: RouteSettings) -> AdaptiveController:
+    """The controller, if `route` adapts; 409 otherwise (the route exists but has no cycle)."""
+    controller = services.controller
+    if controller is None or route.name not in controller.routes:
+        why = "the local backend is off (local.enabled)" if route.adapt else "set adapt: true on it"
+        raise Conflict(f"route {route.name!r} does not adapt: {why}", code="route_not_adaptive")
+    return controller

@@ -59,6 +59,8 @@ class Endpoint:
     media_type: str = "application/json"
     # The answer's schema when it is not a model (`response` None).
     raw_schema: dict[str, Any] | None = None
+    # A body that is not JSON (an upload): (media type, schema).
+    upload: tuple[str, dict[str, Any]] | None = None
     tag: str = "admin"
 
 
@@ -139,6 +141,9 @@ def _operation(endpoint: Endpoint, refs: dict[Any, dict[str, Any]]) -> dict[str,
             "required": True,
             "content": {"application/json": {"schema": refs[(endpoint.body, "validation")]}},
         }
+    if endpoint.upload is not None:
+        media, schema = endpoint.upload
+        operation["requestBody"] = {"required": True, "content": {media: {"schema": schema}}}
     return operation
 
 

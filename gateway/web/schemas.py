@@ -205,6 +205,25 @@ class RouteDetail(RouteSummary):
     recent_evals: list[EvalOut]
 
 
+class DatasetImport(_Response):
+    id: str
+    route: str
+    name: str
+    pairs: int = Field(ge=1)
+    heldout: bool = Field(description="whether the judge may hold some of these pairs out")
+    created_at: float
+
+
+class DatasetList(_Response):
+    data: list[DatasetImport]
+    next_cursor: None = None
+
+
+class DeletedImport(_Response):
+    id: str
+    deleted: bool = True
+
+
 class JobAccepted(_Response):
     job_id: str
 

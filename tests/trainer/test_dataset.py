@@ -252,3 +252,19 @@ def test_route_records_from_the_gateway_store_become_samples(data_dir: Path, mak
 def test_an_unsupported_store_url_is_a_data_error() -> None:
     with pytest.raises(DataError, match="unsupported"):
         list(load_route_records("mysql://db/logs", "r"))
+
+
+def test_imports_are_trained_on_and_held_out_only_when_allowed(data_dir: Path) -> None:
+    from trainer.dataset import IMPORTS_DIR, load_imports, origin_counts, split_train_only
+
+    folder = data_dir / IMPORTS_DIR / "r"
+    folder.mkdir(parents=True)
+    for name, heldout in (("imp_a", True), ("imp_b", False)):
+        write_jsonl(folder / f"{name}.jsonl", [word_chat(f"{name} {i}") for i in range(3)])
+        (folder / f"{name}.json").write_text(json.dumps({"id": name, "heldout": heldout}))
+    samples = load_imports(data_dir, "r")
+    assert origin_counts(samples) == {"real_count": 0, "synthetic_count": 0, "imported_count": 6}
+    judged, train_only = split_train_only(samples)
+    assert len(judged) == 3 and len(train_only) == 3
+    assert all("origin" not in sample for sample in judged + train_only)
+    assert all("imp_b" in json.dumps(sample) for sample in train_only)

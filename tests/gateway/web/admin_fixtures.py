@@ -68,7 +68,7 @@ def _seed(data_dir: Path) -> None:
 
 @contextlib.contextmanager
 def running_adaptive_gateway(
-    tmp_path: Path, cloud: FakeCloudServer, admin_key: str | None = ADMIN_KEY
+    tmp_path: Path, cloud: FakeCloudServer, admin_key: str | None = ADMIN_KEY, **overrides: Any
 ) -> Iterator[AdaptiveGateway]:
     data_dir = tmp_path / "adaptive-data"
     _seed(data_dir)
@@ -80,6 +80,7 @@ def running_adaptive_gateway(
         environ={},
         data_dir=data_dir,
         admin_key=admin_key,
+        **overrides,
         upstream={"base_url": cloud.base_url, "retry": {"attempts": 1}},
         local={"enabled": True, "base_url": local.base_url},
         routes=[

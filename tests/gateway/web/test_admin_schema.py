@@ -21,10 +21,16 @@ from tests.gateway.web.admin_fixtures import ADMIN_KEY, AdaptiveGateway, running
 
 # DELETE /admin/logs refuses to run without a filter (it would empty the log), a rule an
 # OpenAPI document cannot state about two optional parameters: accept its 400 as valid.
+# A dataset upload is JSONL whose every line must be a trainable chat: a schema can say
+# "a string", not that; its 422 names the bad lines.
 CONFIG = """
 [[operations]]
 include-operation-id = "delete_logs"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403"]
+
+[[operations]]
+include-operation-id = "import_dataset"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
 """
 
 
