@@ -99,6 +99,8 @@ class PolicySettings(_Strict):
     min_pass_rate: float = Field(0.8, ge=0, le=1)
     eval_rate: float = Field(0.05, ge=0, le=1)
     window: int = Field(50, ge=1)
+    # While local: this many failed spot checks in a row send the route back (a sudden break);
+    # a slow slide is caught by the pass rate's upper bound falling below min_pass_rate.
     demote_after: int = Field(3, ge=1)
     cooldown_s: float = Field(3600.0, ge=0)
     judge: Literal["upstream", "exact", "json_equal", "embedding"] = "upstream"

@@ -5,7 +5,8 @@
     eval ──(≥ promote_after verdicts AND 95% Wilson lower bound ≥ min_pass_rate)──▶ local
     eval ──(95% Wilson upper bound < min_pass_rate)──▶ cloud (collect more, retrain)
     eval ──(eval_timeout_s passed, or max_judge_errors errors in a row)──▶ cloud
-    local ──(rolling score < threshold, or demote_after fails in the window)──▶ cloud
+    local ──(spot checks: 95% upper bound < min_pass_rate, rolling score < its bar,
+             or demote_after fails in a row)──▶ cloud
 
 Promotion is a sequential test over the eval window: a good adapter is not thrown away for
 one unlucky verdict, and a mediocre one cannot pass on a lucky streak. A judge error (the
@@ -78,6 +79,8 @@ class RouteState:
     # the last verdict.
     eval_started_at: float = 0.0
     judge_errors: int = 0
+    # Failed spot checks since the last pass (mode local).
+    fails_in_a_row: int = 0
     # The last candidate that eval turned down: the next job starts from it and from what it
     # got wrong (cleared once a candidate is promoted).
     rejected_version: int | None = None
@@ -136,6 +139,7 @@ def transition(state: RouteState, to: Mode, reason: str, now: float | None = Non
     state.mode = to
     state.streak = 0
     state.judge_errors = 0
+    state.fails_in_a_row = 0
 
 
 def synthetic_added(state: RouteState, added: int, spent_usd: float, why: str, now: float) -> None:
@@ -229,17 +233,28 @@ def eval_expired(state: RouteState, policy: PolicySettings, version: int, now: f
 
 
 def record_spot_check(state: RouteState, policy: PolicySettings, outcome: EvalOutcome, now: float) -> None:
-    """Apply one judged spot check of the serving adapter (mode local)."""
+    """Apply one judged spot check of the serving adapter (mode local). The window goes on
+    from the eval that promoted it, and the test mirrors promotion's: the route returns to
+    the cloud when the pass rate's 95% upper bound falls below `min_pass_rate`, when the
+    rolling score falls below its bar, or on `demote_after` failed checks in a row (a sudden
+    break). An adapter promoted at 90% right is not sent back for the few misses a 90%
+    adapter makes, which counting fails anywhere in the window would do."""
     if state.mode != "local":
         return
     state.window.append((outcome.passed, outcome.score))
-    fails = sum(1 for passed, _ in state.window if not passed)
+    state.fails_in_a_row = 0 if outcome.passed else state.fails_in_a_row + 1
+    total = len(state.window)
+    passes = sum(1 for passed, _ in state.window if passed)
+    upper = wilson_interval(passes, total)[1]
     rolling = state.rolling_score or 0.0
     bar = policy.threshold if policy.min_rolling_score is None else policy.min_rolling_score
     if rolling < bar:
         transition(state, "cloud", f"rolling score {rolling:.1f} fell below {bar:.0f}", now)
-    elif fails >= policy.demote_after:
-        transition(state, "cloud", f"{fails} failed spot checks in the last {len(state.window)}", now)
+    elif state.fails_in_a_row >= policy.demote_after:
+        transition(state, "cloud", f"{state.fails_in_a_row} failed spot checks in a row", now)
+    elif total >= MIN_VERDICTS_TO_REJECT and upper < policy.min_pass_rate:
+        reason = f"spot checks: {passes}/{total} passed, upper bound {upper:.2f} < {policy.min_pass_rate:.2f}"
+        transition(state, "cloud", reason, now)
 
 
 # --- what operators see ------------------------------------------------------------------

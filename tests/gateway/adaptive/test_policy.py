@@ -185,3 +185,39 @@ def test_binary_judges_tolerate_a_small_error_rate_with_min_rolling_score() -> N
         state.window.extend([(True, 100.0)] * 9)
         record_spot_check(state, policy, EvalOutcome(False, 0.0), now=1)  # one miss in ten: 90
         assert state.mode == expected
+
+
+def _serve(rate: float, rng: random.Random, checks: int = 200) -> str:
+    """Promote a candidate on scripted verdicts at `rate`, then spot-check it `checks` times."""
+    policy = PolicySettings(threshold=70)
+    state = RouteState("r", mode="training")
+    training_completed(state, version=1, window_size=50, now=0)
+    while state.mode == "eval":
+        passed = rng.random() < rate
+        record_eval(state, policy, EvalOutcome(passed, 100.0 if passed else 30.0), now=1)
+    for _ in range(checks if state.mode == "local" else 0):
+        passed = rng.random() < rate
+        record_spot_check(state, policy, EvalOutcome(passed, 100.0 if passed else 30.0), now=2)
+        if state.mode != "local":
+            break
+    return state.mode
+
+
+def test_spot_checks_keep_a_good_adapter_and_send_back_a_slipping_one() -> None:
+    """Found on a fresh task: a 92% adapter, promoted with 46/50, was sent back by its first
+    failed spot check because the 4 eval misses already filled `demote_after` fails."""
+    rng = random.Random(3)
+    good = [_serve(0.92, rng) for _ in range(300)]
+    assert good.count("local") >= 255, good.count("local")  # ≥ 85% still local after 200 checks
+    state = RouteState("r", mode="local", active_version=1)
+    state.window.extend([(True, 100.0)] * 46 + [(False, 30.0)] * 4)
+    record_spot_check(state, PolicySettings(threshold=70), EvalOutcome(False, 30.0), now=1)
+    assert state.mode == "local"
+    slipping = RouteState("r", mode="local", active_version=1)
+    slipping.window.extend([(True, 100.0)] * 40)
+    policy = PolicySettings(threshold=0, window=50)
+    for i in range(60):
+        record_spot_check(slipping, policy, EvalOutcome(i % 2 == 0, 50.0), now=1)  # now 50% right
+        if slipping.mode == "cloud":
+            break
+    assert slipping.mode == "cloud" and "upper bound" in slipping.history[-1]["reason"]
