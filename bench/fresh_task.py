@@ -163,6 +163,7 @@ def run(app: Any, client: openai.OpenAI, args: argparse.Namespace) -> dict[str, 
         served[who] = served.get(who, 0) + 1
         right += int(ok and who != "cloud")
     local = served["local"] + served["failover"]
+    after = controller.describe(ROUTE)
     return {
         "promoted": True,
         "requests_to_promotion": sent,
@@ -173,6 +174,10 @@ def run(app: Any, client: openai.OpenAI, args: argparse.Namespace) -> dict[str, 
         "served": served,
         "local_share": round(local / args.next, 3),
         "local_correct": f"{right}/{local}",
+        "mode_after": after["mode"],
+        "history_after": [
+            f"{h['from']} -> {h['to']}: {h['reason']}" for h in after["history"][len(state["history"]) :]
+        ],
     }
 
 

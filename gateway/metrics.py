@@ -146,10 +146,12 @@ class Metrics:
         self.local_selftest_ok = Gauge(
             f"{PREFIX}local_selftest_ok",
             "1 when the local backend generated with a LoRA adapter at start-up; 0 when it could "
-            "not (training is held: an adapter could never be served)",
+            "not (training is held: an adapter could never be served); NaN until the backend has "
+            "answered",
             registry=r,
             multiprocess_mode="livemin",
         )
+        self.local_selftest_ok.set(float("nan"))
         self.route_blocked = Gauge(
             f"{PREFIX}route_blocked",
             "1 while a route cannot make progress in its cycle (reason: selftest, training_failed)",

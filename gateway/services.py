@@ -86,6 +86,7 @@ class Services:
         self.metrics.declare_routes(r.name for r in self.routes.routes if not (r.adapt and self.controller))
         self.started = False
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +113,8 @@ class Services:
 
     async def stop(self) -> None:
         self.started = False
+        for task in list(self._background):
+            task.cancel()
         if self.controller is not None:
             await self.controller.stop()
         if self.local_upstream is not None and self.local_client is not None:
@@ -154,6 +157,16 @@ class Services:
         """A (re)started backend answers: learn its context and its LoRA self-test result."""
         if self.controller is not None:
             self.controller.spawn(self.controller.check_local_backend())
+        elif self.local_client is not None:
+            task = asyncio.create_task(self._read_self_test(self.local_client))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _read_self_test(self, client: LocalBackendClient) -> None:
+        error = await client.self_test_error()
+        self.metrics.local_selftest_ok.set(0 if error else 1)
+        if error:
+            log.error("the local backend cannot generate with an adapter: %s", error)
 
     def price_answer(self, answer: dict[str, Any]) -> float:
         """What a chat answer cost at the cloud's prices (0 for a model the map lacks)."""
