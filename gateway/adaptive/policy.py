@@ -201,7 +201,7 @@ def record_eval(state: RouteState, policy: PolicySettings, outcome: EvalOutcome,
         transition(state, "local", reason, now)
     elif total >= MIN_VERDICTS_TO_REJECT and upper < bar:
         state.rejected_version, state.candidate_version = state.candidate_version, None
-        reason = f"eval failed: {passes}/{total} passed, upper bound upper bound {upper:.2f} < {bar:.2f}; collecting more data"
+        reason = f"eval failed: {passes}/{total} passed, pass-rate upper bound {upper:.2f} < {bar:.2f}; collecting more data"
         transition(state, "cloud", reason, now)
 
 
