@@ -17,7 +17,10 @@ Behaviour is chosen by the request's `model` (like TensorZero's dummy provider):
   endless                an answer that never ends, streamed or not
   endless-<n>            a stream that never ends, <n> characters an event
   huge-<n>               answers <n> characters of text
-An `answer` function can script the reply text instead (the demo's narrow task).
+An `answer` function can script the reply text instead (the demo's narrow task), and a
+`tool_answer` function the reply's tool calls: it returns OpenAI-form calls (`function.name`,
+`function.arguments` as a string or a JSON value; `id` and `type` are filled in) or None, and
+then the text answers. Scripted calls come without content, streamed and not.
 Every request seen is kept in `requests` (method, path, headers, body) for assertions.
 """
 
@@ -38,6 +41,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 AnswerFn = Callable[[dict[str, Any]], str]
+ToolAnswerFn = Callable[[dict[str, Any]], list[dict[str, Any]] | None]
 
 
 @dataclass
@@ -66,6 +70,29 @@ def _last_user_text(body: dict[str, Any]) -> str:
 
 def _count_tokens(text: str) -> int:
     return max(1, len(text.split()))
+
+
+def _count_call_tokens(calls: list[dict[str, Any]]) -> int:
+    """Compact JSON has no spaces to count: ~3 characters a token, as tokenizers split it."""
+    return sum(1 + len(c["function"]["name"] + c["function"]["arguments"]) // 3 for c in calls)
+
+
+def _openai_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Scripted calls in the wire form: an id, type function, arguments as a JSON string."""
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function", call)
+        arguments = function.get("arguments", {})
+        if not isinstance(arguments, str):
+            arguments = orjson.dumps(arguments).decode()
+        out.append(
+            {
+                "id": call.get("id") or f"call_fake_{i}",
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
+    return out
 
 
 def _error(status: int, message: str, retry_after: str = "1") -> web.Response:
@@ -134,6 +161,7 @@ async def _cut_whole(request: web.Request, payload: bytes) -> web.StreamResponse
 @dataclass
 class FakeCloud:
     answer: AnswerFn | None = None
+    tool_answer: ToolAnswerFn | None = None
     requests: list[SeenRequest] = field(default_factory=list)
     record: bool = True
     # Per-model counts of failures still to inject, for `flaky-N` style tests.
@@ -202,21 +230,23 @@ class FakeCloud:
         failure = await self._misbehave(request, model)
         if failure is not None:
             return failure
-        text = self._text_for(body, model)
-        tool_call = self._tool_call(body) if model.startswith("tool") else None
-        finish = "length" if model.startswith("length") else "tool_calls" if tool_call else "stop"
+        scripted = self._scripted_calls(body)
+        text = "" if scripted else self._text_for(body, model)
+        tool_call = self._tool_call(body) if model.startswith("tool") and not scripted else None
+        calls = scripted or ([tool_call] if tool_call else [])
+        finish = "length" if model.startswith("length") else "tool_calls" if calls else "stop"
         usage = {
             "prompt_tokens": _count_tokens(orjson.dumps(body.get("messages", [])).decode()),
-            "completion_tokens": _count_tokens(text),
+            "completion_tokens": _count_call_tokens(scripted) if scripted else _count_tokens(text),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if body.get("stream"):
-            return await self._stream_chat(request, body, model, text, tool_call, finish, usage)
+            return await self._stream_chat(request, body, model, text, calls, finish, usage)
         if model == "endless":
             return await _trickle_forever(request)
-        message: dict[str, Any] = {"role": "assistant", "content": None if tool_call else text}
-        if tool_call:
-            message["tool_calls"] = [tool_call]
+        message: dict[str, Any] = {"role": "assistant", "content": None if calls else text}
+        if calls:
+            message["tool_calls"] = calls
         choices = [
             {"index": i, "message": message, "logprobs": None, "finish_reason": finish}
             for i in range(int(body.get("n") or 1))
@@ -240,6 +270,11 @@ class FakeCloud:
             headers={"x-request-id": "upstream-req-1", "openai-processing-ms": "1"},
         )
 
+    def _scripted_calls(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """The `tool_answer` function's calls for this request (none: the text answers)."""
+        calls = self.tool_answer(body) if self.tool_answer is not None else None
+        return _openai_calls(calls) if calls else []
+
     @staticmethod
     def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
         tools = body.get("tools") or []
@@ -255,7 +290,7 @@ class FakeCloud:
         body: dict[str, Any],
         model: str,
         text: str,
-        tool_call: dict[str, Any] | None,
+        calls: list[dict[str, Any]],
         finish: str,
         usage: dict[str, Any],
     ) -> web.StreamResponse:
@@ -276,19 +311,14 @@ class FakeCloud:
         if model.startswith("stall-"):
             await asyncio.sleep(int(model.split("-")[1]) / 1000)
         await emit([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        if tool_call:
-            first = {
-                **tool_call,
-                "index": 0,
-                "function": {"name": tool_call["function"]["name"], "arguments": ""},
-            }
+        for index, call in enumerate(calls):
+            first = {**call, "index": index, "function": {"name": call["function"]["name"], "arguments": ""}}
             await emit([{"index": 0, "delta": {"tool_calls": [first]}, "finish_reason": None}])
-            arguments = tool_call["function"]["arguments"]
+            arguments = call["function"]["arguments"]
             for part in (arguments[: len(arguments) // 2], arguments[len(arguments) // 2 :]):
-                await emit(
-                    [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": part}}]}}]
-                )
-        words = text.split(" ")
+                delta = {"tool_calls": [{"index": index, "function": {"arguments": part}}]}
+                await emit([{"index": 0, "delta": delta}])
+        words = text.split(" ") if text or not calls else []
         for i, word in enumerate(words):
             if model == "cut" and i == len(words) // 2:
                 assert request.transport is not None
