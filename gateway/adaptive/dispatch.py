@@ -97,6 +97,8 @@ class Dispatcher:
         self, ex: Exchange, plan: Plan, upstream: Upstream, request: UpstreamRequest
     ) -> UpstreamResponse:
         ex.local_skip = plan.skipped
+        if plan.skipped == BACKEND_DOWN:  # known down: no attempt, and the record says why
+            ex.error = "the local backend is restarting; the cloud answered"
         if plan.local is not None:
             try:
                 return await self._send_local(ex, request, plan.local, "local")

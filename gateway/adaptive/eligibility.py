@@ -38,6 +38,9 @@ LOCAL_PARAMETERS = frozenset(
         "tools",
         "tool_choice",
         "parallel_tool_calls",
+        # vLLM's sampling extensions, which the local backend (and vLLM) honour
+        "ignore_eos",
+        "min_tokens",
     }
 )
 # Falsy values of these mean "off": `logprobs: false` is as good as absent.

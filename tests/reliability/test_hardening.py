@@ -264,7 +264,7 @@ def test_deleted_records_leave_the_disk_at_once(gateway_factory: GatewayFactory,
     assert planted.encode() in files["understudy.db"] and planted.encode() in files["understudy.db-wal"]
 
     deleted = raw_http.request(gateway.port, "DELETE", "/admin/logs?route=default")
-    assert deleted is not None and deleted.status == 200 and deleted.json() == {"deleted": 60}
+    assert deleted is not None and deleted.status == 200 and deleted.json()["deleted"] == 60
     files = disk_bytes(data_dir)
     assert [name for name, data in files.items() if planted.encode() in data] == []
     assert any(kept.encode() in data for data in files.values())
