@@ -154,7 +154,7 @@ class Metrics:
         self.local_selftest_ok.set(float("nan"))
         self.route_blocked = Gauge(
             f"{PREFIX}route_blocked",
-            "1 while a route cannot make progress in its cycle (reason: selftest, training_failed)",
+            "1 while a route cannot make progress in its cycle (reason: selftest, training_failed, rejected)",
             ["route", "reason"],
             registry=r,
             multiprocess_mode="livemax",

@@ -102,7 +102,11 @@ class PolicySettings(_Strict):
     # While local: this many failed spot checks in a row send the route back (a sudden break);
     # a slow slide is caught by the pass rate's upper bound falling below min_pass_rate.
     demote_after: int = Field(3, ge=1)
+    # Between training jobs. After a candidate is rejected, the retry (from that candidate and
+    # what it got wrong) waits only retry_after_reject_s, doubled for each rejection in a
+    # row, never longer than cooldown_s.
     cooldown_s: float = Field(3600.0, ge=0)
+    retry_after_reject_s: float = Field(300.0, ge=0)
     judge: Literal["upstream", "exact", "json_equal", "embedding"] = "upstream"
     # The model that grades (upstream judge). Default: the route's upstream_model, else the
     # model of the request being judged. Called through the route's own upstream.

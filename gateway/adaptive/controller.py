@@ -565,7 +565,8 @@ class AdaptiveController:
     def problems(self) -> list[str]:
         """Everything that keeps a route from learning, in words (for /readyz)."""
         found = [] if self.blocked is None else [self.blocked]
-        stuck = (policy.stuck(name, r.state, time.time()) for name, r in self.routes.items())
+        now = time.time()
+        stuck = (policy.stuck(name, r.state, r.settings.policy, now) for name, r in self.routes.items())
         return found + [problem for problem in stuck if problem]
 
     def summaries(self) -> dict[str, dict[str, Any]]:
@@ -664,8 +665,9 @@ class AdaptiveController:
         score = runtime.state.rolling_score
         if score is not None:
             self.metrics.eval_score.labels(runtime.name).set(score)
-        failing = runtime.state.failed_trainings > 0 and current == "cloud"
-        self.metrics.route_blocked.labels(runtime.name, "training_failed").set(1 if failing else 0)
+        held = policy.blocked_reason(runtime.state)
+        for reason in ("training_failed", "rejected"):
+            self.metrics.route_blocked.labels(runtime.name, reason).set(1 if held == reason else 0)
 
 
 def _lease(runtime: RouteRuntime) -> str:

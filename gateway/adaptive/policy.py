@@ -84,6 +84,11 @@ class RouteState:
     # The last candidate that eval turned down: the next job starts from it and from what it
     # got wrong (cleared once a candidate is promoted).
     rejected_version: int | None = None
+    # Candidates turned down since the last promotion, and when the latest was: the next job
+    # waits policy.retry_after_reject_s, doubled for each further rejection (capped at
+    # cooldown_s), so a near miss is retried in minutes and a hopeless route does not spin.
+    rejections_in_a_row: int = 0
+    rejected_at: float = 0.0
     # USD spent on synthetic data for this route, ever (its cap is policy.synthetic.max_cost_usd).
     synthetic_spent_usd: float = 0.0
     window: deque[tuple[bool, float]] = field(default_factory=deque)
@@ -147,14 +152,25 @@ def synthetic_added(state: RouteState, added: int, spent_usd: float, why: str, n
     note(state, f"synthetic data: {added} new pairs for ${spent_usd:.4f} ({why})", now=now)
 
 
+def next_training_at(state: RouteState, policy: PolicySettings) -> float:
+    """The earliest time the next job may start: cooldown_s after the last one, but after
+    rejected candidates retry_after_reject_s after the rejection, doubled per rejection in
+    a row and never more than cooldown_s; and never before a failed job's back-off ends."""
+    if state.rejections_in_a_row:
+        wait = policy.retry_after_reject_s * 2 ** (state.rejections_in_a_row - 1)
+        earliest = state.rejected_at + min(policy.cooldown_s, wait)
+    else:
+        earliest = state.last_train_at + policy.cooldown_s
+    return max(earliest, state.backoff_until)
+
+
 def ready_to_train(state: RouteState, policy: PolicySettings, new_pairs: int, now: float) -> bool:
     return (
         state.mode == "cloud"
         and state.pinned != "local"
         and state.job_id is None
         and new_pairs >= policy.min_samples
-        and now >= state.last_train_at + policy.cooldown_s
-        and now >= state.backoff_until
+        and now >= next_training_at(state, policy)
     )
 
 
@@ -197,12 +213,20 @@ def record_eval(state: RouteState, policy: PolicySettings, outcome: EvalOutcome,
     if total >= policy.promote_after and lower >= bar:
         state.active_version = state.candidate_version
         state.candidate_version = state.rejected_version = None
+        state.rejections_in_a_row = 0
         reason = f"eval passed: {passes}/{total}, pass-rate lower bound {lower:.2f} ≥ {bar:.2f}"
         transition(state, "local", reason, now)
     elif total >= MIN_VERDICTS_TO_REJECT and upper < bar:
-        state.rejected_version, state.candidate_version = state.candidate_version, None
+        _reject(state, now)
         reason = f"eval failed: {passes}/{total} passed, pass-rate upper bound {upper:.2f} < {bar:.2f}; collecting more data"
         transition(state, "cloud", reason, now)
+
+
+def _reject(state: RouteState, now: float) -> None:
+    """The candidate under eval is turned down: the next job starts from it."""
+    state.rejected_version, state.candidate_version = state.candidate_version, None
+    state.rejections_in_a_row += 1
+    state.rejected_at = now
 
 
 def record_judge_error(state: RouteState, policy: PolicySettings, error: str, now: float) -> None:
@@ -212,7 +236,7 @@ def record_judge_error(state: RouteState, policy: PolicySettings, error: str, no
         return
     state.judge_errors += 1
     if state.judge_errors >= policy.max_judge_errors:
-        state.rejected_version, state.candidate_version = state.candidate_version, None
+        _reject(state, now)
         reason = (
             f"eval stalled: {state.judge_errors} answers in a row could not be judged (last: {error[:200]})"
         )
@@ -227,7 +251,7 @@ def eval_expired(state: RouteState, policy: PolicySettings, version: int, now: f
         return
     total = len(state.window)
     passes = sum(1 for passed, _ in state.window if passed)
-    state.rejected_version, state.candidate_version = state.candidate_version, None
+    _reject(state, now)
     reason = f"eval timed out after {policy.eval_timeout_s:.0f} s undecided ({passes}/{total} passed)"
     transition(state, "cloud", reason, now)
 
@@ -274,18 +298,38 @@ def view(state: RouteState, policy: PolicySettings) -> dict[str, Any]:
         "window": len(state.window),
         "job_id": state.job_id,
         "failed_trainings": state.failed_trainings,
+        "rejections_in_a_row": state.rejections_in_a_row,
+        "next_training_at": next_training_at(state, policy) if state.mode == "cloud" else None,
+        "held_back": stuck(state.route, state, policy, time.time()),
         "eval_deadline": deadline,
         "history": state.history[-50:],
     }
 
 
-def stuck(name: str, state: RouteState, now: float) -> str | None:
-    """Why the route is not learning right now, when it is backing off after failures."""
-    if not state.failed_trainings or state.mode != "cloud":
+def blocked_reason(state: RouteState) -> str | None:
+    """The metric label for a route held back after failures (None when it is not): jobs
+    that failed, or candidates that eval turned down."""
+    if state.mode != "cloud" or state.pinned == "cloud":
         return None
-    wait = max(0.0, state.backoff_until - now)
-    last = state.history[-1]["reason"] if state.history else "training failed"
-    return f"route {name}: {last} (failed {state.failed_trainings}x; next try in {wait:.0f} s)"
+    if state.failed_trainings:
+        return "training_failed"
+    if state.rejections_in_a_row:
+        return "rejected"
+    return None
+
+
+def stuck(name: str, state: RouteState, policy: PolicySettings, now: float) -> str | None:
+    """Why the route is not learning right now, when it is held back after failures."""
+    why = blocked_reason(state)
+    if why is None:
+        return None
+    wait = max(0.0, next_training_at(state, policy) - now)
+    last = state.history[-1]["reason"] if state.history else why
+    if why == "training_failed":
+        count = f"failed {state.failed_trainings}x"
+    else:
+        count = f"{state.rejections_in_a_row} candidate(s) rejected in a row"
+    return f"route {name}: {last} ({count}; next training in {wait:.0f} s at the earliest)"
 
 
 def summary(state: RouteState) -> dict[str, Any]:

@@ -125,14 +125,6 @@ def _latest_adapter(controller: AdaptiveController, route: str) -> dict[str, Any
     return meta
 
 
-def _stuck(state: dict[str, Any]) -> str | None:
-    """A route backing off after failed training says why, on its card."""
-    history = state.get("history") or []
-    if state.get("failed_trainings") and state.get("mode") == "cloud" and history:
-        return str(history[-1].get("reason"))
-    return None
-
-
 def _rolling_threshold(route: RouteSettings) -> float:
     bar = route.policy.min_rolling_score
     return route.policy.threshold if bar is None else bar
@@ -167,7 +159,7 @@ def route_view(
         view.update(
             active_adapter=state.get("active_adapter"),
             candidate_adapter=state.get("candidate_adapter"),
-            blocked=state.get("blocked") or _stuck(state),
+            blocked=state.get("blocked") or state.get("held_back"),
             eval_deadline=state.get("eval_deadline"),
             job=state.get("job"),
             history=state.get("history", []),

@@ -163,6 +163,13 @@ class RouteSummary(_Response):
     job: JobStatus | None = None
     blocked: str | None = Field(None, description="why no adapter can be trained or served now")
     failed_trainings: int = Field(0, description="training failures since the last success")
+    rejections_in_a_row: int = Field(0, description="candidates eval turned down since the last promotion")
+    next_training_at: float | None = Field(
+        None, description="earliest start of the next job (mode cloud; it also needs min_samples new pairs)"
+    )
+    held_back: str | None = Field(
+        None, description="why the route is not learning now after failed jobs or rejected candidates"
+    )
     eval_deadline: float | None = Field(None, description="when an undecided eval returns to the cloud")
     history: list[HistoryEntry] = Field(default_factory=list)
 
@@ -285,7 +292,8 @@ class EvalView(_Response):
 
 
 class RouteTotals(_Response):
-    """Since this gateway process started (the Prometheus counters)."""
+    """Requests and `local_skipped`: since this process started (its Prometheus counters).
+    The USD figures: the cost ledger, every replica's answers since the store began."""
 
     requests: dict[str, int]
     cost_usd: float
@@ -295,6 +303,23 @@ class RouteTotals(_Response):
     local_skipped: dict[str, int] = Field(
         default_factory=dict, description="requests the cloud answered on a local route, by reason"
     )
+
+
+class CostTotal(_Response):
+    """One group of the cost ledger; only the grouped-by fields are present."""
+
+    day: str | None = Field(None, description="UTC date, YYYY-MM-DD")
+    route: str | None = None
+    client: str | None = Field(None, description="the client key's name, or the client address")
+    backend: Backend | None = None
+    kind: Literal["spend", "savings", "judge"] | None = None
+    usd: float
+    answers: int
+
+
+class CostList(_Response):
+    data: list[CostTotal]
+    next_cursor: None = None
 
 
 class DashboardRoute(_Response):

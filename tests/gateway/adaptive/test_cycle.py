@@ -215,7 +215,8 @@ def test_failed_eval_goes_back_to_cloud_and_judge_errors_do_not(
 ) -> None:
     grader.garbage = True  # the grader never answers in JSON: judge errors, not fails
     # A bar of 0.5: five straight fails put the pass rate's upper bound (0.43) below it.
-    gateway = cycle_gateway(promote_after=50, min_pass_rate=0.5)
+    # After the rejection the retry waits 600 s, so the route stays held back to be seen.
+    gateway = cycle_gateway(promote_after=50, min_pass_rate=0.5, cooldown_s=600, retry_after_reject_s=600)
     _train_to_eval(gateway)
     for i in range(4):
         _ask(gateway, f"live question {i}")
@@ -231,6 +232,13 @@ def test_failed_eval_goes_back_to_cloud_and_judge_errors_do_not(
     assert "eval failed" in state["history"][-1]["reason"]
     errors = [e for e in gateway.app.services.store.list_evals("task", 500) if e["error"]]
     assert errors and all(e["passed"] is None for e in errors)
+    # held back after a rejection: on the route, on /readyz and in a metric
+    assert state["rejections_in_a_row"] == 1 and "1 candidate(s) rejected" in state["held_back"]
+    assert 590 < state["next_training_at"] - state["history"][-1]["ts"] <= 600
+    with urllib.request.urlopen(gateway.url + "/readyz") as response:
+        ready = orjson.loads(response.read())
+    assert ready["status"] == "degraded" and any("eval failed" in p for p in ready["problems"])
+    assert 'understudy_route_blocked{reason="rejected",route="task"} 1.0' in _scrape(gateway)
 
 
 @pytest.mark.timeout(600)

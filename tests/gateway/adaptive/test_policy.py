@@ -9,12 +9,15 @@ import pytest
 from gateway.adaptive.policy import (
     EvalOutcome,
     RouteState,
+    blocked_reason,
     eval_expired,
+    next_training_at,
     note,
     ready_to_train,
     record_eval,
     record_judge_error,
     record_spot_check,
+    stuck,
     training_completed,
     training_failed,
     training_started,
@@ -47,6 +50,41 @@ def test_training_trigger_needs_samples_and_cooldown() -> None:
     assert ready_to_train(state, policy, new_pairs=50, now=state.backoff_until)
     assert [h["to"] for h in state.history] == ["training", "cloud"]
     assert "boom" in state.history[-1]["reason"]
+
+
+def _reject_candidate(state: RouteState, policy: PolicySettings, version: int, now: float) -> None:
+    training_started(state, f"job{version}", through_id=version, now=now)
+    training_completed(state, version=version, window_size=policy.window, now=now)
+    for _ in range(5):
+        record_eval(state, policy, FAIL, now=now)
+    assert state.mode == "cloud" and state.rejected_version == version
+
+
+def test_a_rejected_candidate_is_retried_in_minutes_backing_off_to_the_cooldown() -> None:
+    # The default hour of cooldown after a near miss left a fresh route on the cloud for an
+    # hour; the retry waits retry_after_reject_s, doubled per rejection in a row, capped.
+    policy = PolicySettings(min_samples=10, cooldown_s=3600, retry_after_reject_s=300)
+    state = RouteState("r")
+    waits = []
+    now = 10_000.0
+    for version in range(1, 7):
+        _reject_candidate(state, policy, version, now)
+        assert blocked_reason(state) == "rejected"
+        message = stuck("r", state, policy, now)
+        assert message is not None and f"{version} candidate(s) rejected in a row" in message
+        waits.append(next_training_at(state, policy) - now)
+        assert not ready_to_train(state, policy, new_pairs=50, now=now + waits[-1] - 1)
+        assert ready_to_train(state, policy, new_pairs=50, now=now + waits[-1])
+        assert not ready_to_train(state, policy, new_pairs=9, now=now + waits[-1])
+        now += waits[-1]
+    assert waits == [300, 600, 1200, 2400, 3600, 3600]
+    # a promotion clears the count: the next rejection waits the short retry again
+    training_started(state, "job7", through_id=7, now=now)
+    training_completed(state, version=7, window_size=policy.window, now=now)
+    for _ in range(30):
+        record_eval(state, policy, PASS, now=now)
+    assert state.mode == "local" and state.rejections_in_a_row == 0
+    assert blocked_reason(state) is None and stuck("r", state, policy, now) is None
 
 
 def test_promotion_needs_streak_and_confidence() -> None:
