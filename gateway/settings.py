@@ -8,6 +8,7 @@ message that names the key, so a typo never silently does nothing.
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -41,6 +42,9 @@ class UpstreamSettings(_Strict):
     # `openai`: any OpenAI-compatible API, forwarded byte for byte on a pooled aiohttp client.
     # `litellm`: another provider (Anthropic, Gemini, Bedrock...) through litellm's translation.
     provider: Literal["openai", "litellm"] = "openai"
+    # For `openai`: the HTTP client. `httptools`: the gateway's pooled HTTP/1.1 client
+    # (gateway/upstream/http1.py, about half aiohttp's cost per call); `aiohttp`: aiohttp's.
+    client: Literal["httptools", "aiohttp"] = "httptools"
     # For `litellm`: the prefix litellm uses to pick the provider, e.g. "anthropic/".
     model_prefix: str = ""
     timeout_s: float = Field(600.0, gt=0)
@@ -162,7 +166,21 @@ class LocalSettings(_Strict):
     # CPU threads for generation. Default: half the cores, because training jobs and the
     # gateway share the machine and torch slows 5-10x when its threads are oversubscribed.
     threads: int | None = Field(None, ge=1)
+    # auto: bfloat16 on CUDA or on a CPU with native bf16 (AVX512-bf16 or AMX), else float32.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # int8: weight-only int8 linear layers (needs torchao); LoRA adapters keep their dtype.
+    quantize: Literal["none", "int8"] = "none"
     limits: LimitSettings | None = None
+
+    @model_validator(mode="after")
+    def _quantizer_installed(self) -> LocalSettings:
+        # The backend runs in this interpreter: say now, not in its log after each restart.
+        managed = self.enabled and self.base_url is None
+        if managed and self.quantize == "int8" and importlib.util.find_spec("torchao") is None:
+            raise ValueError(
+                "local.quantize: int8 needs torchao, which is not installed: pip install 'torchao>=0.18,<0.19'"
+            )
+        return self
 
 
 class LogSettings(_Strict):

@@ -12,6 +12,10 @@ def build_upstream(name: str, settings: UpstreamSettings) -> Upstream:
         from gateway.upstream.litellm_provider import LiteLLMUpstream
 
         return LiteLLMUpstream(name, settings)
+    if settings.client == "httptools":
+        from gateway.upstream.http1 import Http1Upstream
+
+        return Http1Upstream(name, settings)
     from gateway.upstream.openai_compat import OpenAICompatUpstream
 
     return OpenAICompatUpstream(name, settings)
