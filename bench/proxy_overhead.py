@@ -53,15 +53,16 @@ def wait_port(port: int, timeout: float = 30) -> None:
 
 
 def start_gateway(
-    workdir: Path, upstream_port: int, code: Path = REPO
+    workdir: Path, upstream_port: int, code: Path = REPO, upstream_extra: str = ""
 ) -> tuple[subprocess.Popen[bytes], str]:
     """`understudy serve` from the source tree `code`, logging on, local backend off, in front
-    of the fake upstream; returns the process and its URL once it listens."""
+    of the fake upstream; returns the process and its URL once it listens. `upstream_extra`:
+    more `upstream:` settings, YAML lines indented by two spaces."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = workdir / "gateway.yaml"
     config.write_text(
-        f"upstream:\n  base_url: http://127.0.0.1:{upstream_port}/v1\nlocal:\n  enabled: false\n"
+        f"upstream:\n  base_url: http://127.0.0.1:{upstream_port}/v1\n{upstream_extra}local:\n  enabled: false\n"
         f"data_dir: {workdir / 'data'}\n"
     )
     process = subprocess.Popen(
