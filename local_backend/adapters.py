@@ -126,7 +126,34 @@ def load_into_model(model: Any, adapter: Adapter) -> None:
             f"LoRA adapter '{adapter.name}' does not fit the base model (missing {missing[0]})",
             param="lora_path",
         )
+    keep_trained_dtype(model, adapter.adapter_id, trained_dtype(adapter.path))
     model.eval()  # fresh LoRA modules start in training mode: dropout would be live
+
+
+def trained_dtype(path: Path) -> Any:
+    """The dtype the adapter's weights were saved in (None when unknown)."""
+    from safetensors import safe_open
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), framework="pt") as f:
+        first = next(iter(f.keys()), None)
+        return f.get_tensor(first).dtype if first is not None else None
+
+
+def keep_trained_dtype(model: Any, adapter_id: str, dtype: Any) -> None:
+    """peft casts a new adapter to the base weights' dtype (bf16 on a bf16 base); put it back
+    in the dtype it was trained in. The LoRA path then runs in that dtype (peft casts its
+    input to the adapter's and its output back), so a base served in bf16 or int8 leaves
+    the adapter's own precision alone: the low-rank matmuls are a sliver of the cost."""
+    if dtype is None:
+        return
+    for module in model.modules():
+        for name in ("lora_A", "lora_B"):
+            layers = getattr(module, name, None)
+            if layers is not None and adapter_id in layers:
+                layers[adapter_id].to(dtype)
 
 
 def delete_from_model(model: Any, adapter_id: str) -> None:

@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from local_backend.loading import DEFAULT_MODEL
+from local_backend.loading import DEFAULT_MODEL, MissingDependencyError, require_torchao
 from local_backend.settings import Settings
 from trainer.offline import enforce_offline
 
@@ -43,7 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences generated together")
     parser.add_argument("--batch-window-ms", type=float, default=10.0)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if present)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16... (default by device)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="auto: bfloat16 on CUDA or a CPU with native bf16 (AVX512-bf16, AMX), else float32",
+    )
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8"],
+        help="int8: weight-only int8 linear layers through torchao (LoRA adapters keep their dtype)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--default-max-tokens", type=int, default=None)
@@ -65,6 +76,7 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         batch_window_ms=args.batch_window_ms,
         device=args.device,
         dtype=args.dtype,
+        quantize=args.quantize,
         threads=args.threads,
         max_model_len=args.max_model_len,
         default_max_tokens=args.default_max_tokens,
@@ -97,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args, parser)
     except ValueError as exc:  # pydantic's ValidationError names the offending option
         parser.error(str(exc))
+    if settings.quantize == "int8":
+        try:
+            require_torchao()
+        except MissingDependencyError as exc:
+            parser.error(str(exc))
     prepare_environment(settings)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -97,14 +97,21 @@ class Engine:
             self.state = EngineState.FAILED
             raise
         self.state = EngineState.READY
-        logger.info("model %s ready (max_model_len=%d)", self.model_name, self.max_model_len)
+        handle = self._require_handle()
+        logger.info(
+            "model %s ready (max_model_len=%d, dtype %s, quantize %s)",
+            self.model_name,
+            self.max_model_len,
+            str(handle.model.dtype).removeprefix("torch."),
+            self.settings.quantize,
+        )
         threading.Thread(target=self._warm_json_grammar, name="grammar-warmup", daemon=True).start()
 
     def _load(self) -> None:
         s = self.settings
         if s.threads is not None:
             torch.set_num_threads(s.threads)
-        model, tokenizer, source = load_model(s.model, s.model_cache_root, s.device, s.dtype)
+        model, tokenizer, source = load_model(s.model, s.model_cache_root, s.device, s.dtype, s.quantize)
         self._handle = _model_handle(model, tokenizer, s.max_model_len)
         # Before any real adapter: the throwaway one must leave the bare model behind.
         self.lora_selftest = lora_self_test(model, tokenizer)

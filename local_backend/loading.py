@@ -25,6 +25,21 @@ class ModelNotFoundError(RuntimeError):
     """The model spec names nothing that can be loaded offline."""
 
 
+class MissingDependencyError(RuntimeError):
+    """An option needs a library that is not installed; the message names what to install."""
+
+
+TORCHAO_REQUIREMENT = "torchao>=0.18,<0.19"
+
+
+def require_torchao() -> None:
+    """Raise MissingDependencyError unless torchao (for `quantize: int8`) can be imported."""
+    if importlib.util.find_spec("torchao") is None:
+        raise MissingDependencyError(
+            f"quantize int8 needs torchao, which is not installed: pip install '{TORCHAO_REQUIREMENT}'"
+        )
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model's weights live once resolved: a folder, optionally with a GGUF file in it."""
@@ -120,6 +135,7 @@ def pick_device(requested: str | None = None) -> str:
 
 
 def default_dtype(device: str) -> str:
+    """The training dtype: bf16 on CUDA that supports it, fp32 elsewhere."""
     import torch
 
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
@@ -127,15 +143,67 @@ def default_dtype(device: str) -> str:
     return "float32"
 
 
+# CPU flags (as /proc/cpuinfo spells them) that mean bf16 matrix multiplies run natively.
+_NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def serving_dtype(requested: str | None, device: str, flags: frozenset[str] | None = None) -> str:
+    """The dtype to serve in: `requested` unless it is `auto` (or None), which means bf16
+    on CUDA with bf16 support or on a CPU with native bf16 (AVX512-bf16 or AMX), else fp32."""
+    if requested and requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        return default_dtype(device)
+    have = cpu_flags() if flags is None else flags
+    return "bfloat16" if have & _NATIVE_BF16_FLAGS else "float32"
+
+
+def quantize_int8(model: Any) -> None:
+    """Weight-only int8 (per output channel) for the decoder's linear layers, in place,
+    through torchao; the embeddings and the output head keep the serving dtype. peft
+    recognises torchao weights, so LoRA adapters still load onto the quantized layers."""
+    import torch
+
+    require_torchao()
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    head = model.get_output_embeddings()
+
+    def is_decoder_linear(module: Any, _name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and module is not head
+
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=is_decoder_linear)
+
+
 def load_model(
-    spec: str, cache_root: Path, device: str | None = None, dtype: str | None = None
+    spec: str,
+    cache_root: Path,
+    device: str | None = None,
+    dtype: str | None = None,
+    quantize: str = "none",
 ) -> tuple[Any, Any, ModelSource]:
     """Load (model, tokenizer, source) for `spec`, converting a GGUF once into `cache_root`.
 
-    `device` defaults to CUDA when present; `dtype` to bf16 on CUDA, fp32 on CPU.
+    `device` defaults to CUDA when present; `dtype` to bf16 on CUDA, fp32 on CPU; `auto`
+    picks by the hardware (`serving_dtype`). `quantize="int8"` quantizes the linear layers.
     """
     source = ensure_dense(resolve(spec), cache_root)
     device = pick_device(device)
-    model, tokenizer = _load_pretrained(source, dtype or default_dtype(device), device)
+    chosen = serving_dtype(dtype, device) if dtype == "auto" else dtype or default_dtype(device)
+    model, tokenizer = _load_pretrained(source, chosen, device)
+    if quantize == "int8":
+        quantize_int8(model)
     model.eval()
     return model, tokenizer, source

@@ -3,8 +3,11 @@
 One worker thread owns the model. It asks `next_work()` for either control operations
 (adapter loads and unloads, which must not run while a forward pass does) or a batch: the
 oldest waiting job plus every other waiting job for the same adapter, up to
-`max_batch_size` sequences. Jobs arriving within `window_s` of the oldest join its batch;
-later ones join the running batch between decode steps (`take_joinable`).
+`max_batch_size` sequences. A job that finds the worker idle starts at once: its prefill
+and first decode step never wait for company, since later arrivals join the running batch
+between decode steps anyway (`take_joinable`). Only jobs that queued while the worker was
+busy (e.g. behind another adapter's batch) wait up to `window_s` from their arrival for
+companions.
 """
 
 from __future__ import annotations
@@ -56,10 +59,19 @@ class Scheduler:
         self._controls: deque[ControlOp] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        # Since when the worker has waited with nothing to do (a job created after this found
+        # it idle); None while it runs a batch, and before it first asks for work.
+        self._idle_since: float | None = None
 
     @property
     def depth(self) -> int:
         return len(self._jobs)
+
+    @property
+    def idle(self) -> bool:
+        """Whether the worker is waiting with nothing to do (a job now would start at once)."""
+        with self._cond:
+            return self._idle_since is not None
 
     def submit(self, job: GenerationJob) -> None:
         """Queue a job, or raise Overloaded when `max_queue` jobs already wait."""
@@ -103,7 +115,10 @@ class Scheduler:
                     if self._should_wait_for_more():
                         self._cond.wait(timeout=self._remaining_window())
                         continue
+                    self._idle_since = None
                     return Work([], self._pop_batch())
+                if self._idle_since is None:
+                    self._idle_since = time.monotonic()
                 self._cond.wait()
 
     def take_joinable(self, adapter_id: str | None, room: int) -> list[GenerationJob]:
@@ -136,6 +151,8 @@ class Scheduler:
 
     def _should_wait_for_more(self) -> bool:
         head = self._jobs[0]
+        if self._idle_since is not None and head.created >= self._idle_since:
+            return False  # it found the worker idle: start now, companions join between steps
         if self._remaining_window() <= 0:
             return False
         return self._batch_sequences(head.adapter_id) < self._max_batch_size

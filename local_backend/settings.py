@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,7 +29,10 @@ class Settings(BaseModel):
     # Torch intra-op threads (None: torch's default, one per core). On a shared CPU, fewer
     # threads can be much faster: a parallel op waits for its slowest, descheduled thread.
     threads: int | None = Field(default=None, ge=1)
-    dtype: str | None = None
+    # auto: bf16 on CUDA or on a CPU with native bf16 (AVX512-bf16, AMX), else fp32.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # int8: weight-only int8 of the decoder's linear layers (torchao); adapters keep their dtype.
+    quantize: Literal["none", "int8"] = "none"
     max_model_len: int | None = Field(default=None, ge=1)
     # None: a request without max_tokens may use the rest of the context (as vLLM does).
     default_max_tokens: int | None = Field(default=None, ge=1)

@@ -59,6 +59,10 @@ class BackendSupervisor:
             str(self.settings.data_dir),
             "--threads",
             str(local.threads or max(1, (os.cpu_count() or 2) // 2)),
+            "--dtype",
+            local.dtype,
+            "--quantize",
+            local.quantize,
         ]
 
     async def start(self) -> None:

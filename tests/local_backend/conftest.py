@@ -65,6 +65,9 @@ def backend(
         "8",
         "--threads",
         "1",
+        # Tests compare answers with `generate` on the fp32 model (auto is bf16 on some CPUs).
+        "--dtype",
+        "float32",
     )
     try:
         yield server.wait_ready()

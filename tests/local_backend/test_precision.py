@@ -1,0 +1,185 @@
+"""Serving precision: `dtype` (auto picks bf16 only where the hardware has it), weight-only
+int8 through torchao, fp32-trained LoRA adapters served on a bf16 or int8 base, and an idle
+engine that starts a request at once instead of waiting for a batch window."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import torch
+from pydantic import ValidationError
+
+from gateway.settings import LocalSettings
+from local_backend import adapters
+from local_backend.cli import build_parser, settings_from_args
+from local_backend.jobs import GenerationJob, SequenceSpec
+from local_backend.loading import MissingDependencyError, load_model, require_torchao, serving_dtype
+from local_backend.metrics import BackendMetrics
+from local_backend.sampling import SamplingParams
+from local_backend.scheduler import Scheduler
+from local_backend.settings import Settings
+from tests.local_backend.support import RemoteBackend
+
+MODES = [("bfloat16", "none"), ("float32", "int8"), ("bfloat16", "int8")]
+
+
+@pytest.mark.parametrize(
+    ("flags", "device", "expected"),
+    [
+        ({"avx2", "avx512f", "avx512_bf16"}, "cpu", "bfloat16"),
+        ({"avx2", "amx_tile", "amx_bf16"}, "cpu", "bfloat16"),
+        ({"avx2", "avx512f", "avx512_vnni"}, "cpu", "float32"),
+        (set(), "cpu", "float32"),
+    ],
+)
+def test_auto_dtype_follows_the_cpu_flags(flags: set[str], device: str, expected: str) -> None:
+    assert serving_dtype("auto", device, frozenset(flags)) == expected
+    assert serving_dtype(None, device, frozenset(flags)) == expected
+
+
+def test_an_explicit_dtype_wins_over_the_hardware() -> None:
+    assert serving_dtype("float32", "cpu", frozenset({"avx512_bf16"})) == "float32"
+    assert serving_dtype("bfloat16", "cpu", frozenset()) == "bfloat16"
+
+
+def test_settings_accept_the_modes_and_reject_others() -> None:
+    local = LocalSettings(dtype="bfloat16", quantize="int8")
+    assert (local.dtype, local.quantize) == ("bfloat16", "int8")
+    assert (LocalSettings().dtype, LocalSettings().quantize) == ("auto", "none")
+    with pytest.raises(ValidationError, match="dtype"):
+        LocalSettings(dtype="float16")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="quantize"):
+        LocalSettings(quantize="int4")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="quantize"):
+        Settings(quantize="int4")  # type: ignore[arg-type]
+    parser = build_parser()
+    args = parser.parse_args(["--dtype", "bfloat16", "--quantize", "int8"])
+    assert settings_from_args(args, parser).quantize == "int8"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dtype", "half"])
+
+
+def test_int8_without_torchao_names_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a)
+    )
+    with pytest.raises(MissingDependencyError, match="pip install 'torchao"):
+        require_torchao()
+    with pytest.raises(ValidationError, match="pip install 'torchao"):
+        LocalSettings(quantize="int8")
+    assert LocalSettings(quantize="int8", base_url="http://127.0.0.1:9/v1").quantize == "int8"
+
+
+def _logits(model: Any, ids: torch.Tensor, adapter_id: str | None) -> torch.Tensor:
+    adapters.activate(model, adapter_id)
+    with torch.inference_mode():
+        return model(input_ids=ids).logits[0].float()
+
+
+@pytest.fixture(scope="module")
+def reference(lively_model_dir: Path, lora_dirs: dict[str, Path], tmp_path_factory: Any) -> dict[str, Any]:
+    """fp32 base and fp32-trained adapter: logits over a fixed text, with and without it."""
+    model, tokenizer, _ = load_model(
+        str(lively_model_dir), tmp_path_factory.mktemp("cache"), "cpu", "float32"
+    )
+    adapters.load_into_model(model, adapters.Adapter("alpha", lora_dirs["alpha"], "lora_1", 0))
+    ids = tokenizer("the quick brown fox jumps over the lazy dog " * 2, return_tensors="pt")["input_ids"]
+    return {"ids": ids, "base": _logits(model, ids, None), "lora": _logits(model, ids, "lora_1")}
+
+
+@pytest.mark.parametrize(("dtype", "quantize"), MODES)
+def test_an_fp32_adapter_serves_on_a_low_precision_base(
+    dtype: str,
+    quantize: str,
+    reference: dict[str, Any],
+    lively_model_dir: Path,
+    lora_dirs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    model, _, _ = load_model(str(lively_model_dir), tmp_path, "cpu", dtype, quantize)
+    adapters.load_into_model(model, adapters.Adapter("alpha", lora_dirs["alpha"], "lora_1", 0))
+    lora_weights = [p for name, p in model.named_parameters() if ".lora_1." in name]
+    assert lora_weights and all(p.dtype == torch.float32 for p in lora_weights)  # kept as trained
+    served = _logits(model, reference["ids"], "lora_1")
+    agree = (served.argmax(-1) == reference["lora"].argmax(-1)).float().mean().item()
+    assert agree >= 0.8, f"greedy choice matches fp32 at {agree:.0%} of positions"
+    # The adapter's effect survives: far closer to fp32-with-adapter than the bare base is.
+    drift = (served - reference["lora"]).abs().mean()
+    adapter_effect = (reference["base"] - reference["lora"]).abs().mean()
+    assert drift < adapter_effect / 4
+
+
+def _job() -> GenerationJob:
+    return GenerationJob([SequenceSpec([1, 2], 4)], SamplingParams(), "m")
+
+
+def test_a_job_that_finds_the_worker_idle_skips_the_batch_window() -> None:
+    scheduler = Scheduler(max_queue=10, max_batch_size=8, window_s=60.0, metrics=BackendMetrics())
+    handed: list[Any] = []
+    worker = threading.Thread(target=lambda: handed.append(scheduler.next_work()), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not scheduler.idle and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job = _job()
+    scheduler.submit(job)
+    worker.join(timeout=20)  # with the window it would wait 60 s
+    scheduler.stop()
+    assert handed and handed[0] is not None and handed[0].jobs == [job]
+    assert not scheduler.idle
+
+
+@pytest.fixture(scope="module")
+def int8_backend(
+    lively_model_dir: Path, lora_dirs: dict[str, Path], backend_data_dir: Path
+) -> Iterator[RemoteBackend]:
+    """A bf16 + int8 server whose batch window (60 s) would dwarf any request's time."""
+    server = RemoteBackend(
+        lively_model_dir, backend_data_dir, "--served-model-name", "tiny", "--dtype", "bfloat16",
+        "--quantize", "int8", "--batch-window-ms", "60000", "--threads", "1",
+        "--lora", f"alpha={lora_dirs['alpha']}",
+    )  # fmt: skip
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def _greedy(client: openai.OpenAI, model: str) -> str:
+    answer = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "the quick brown fox"}],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    return answer.choices[0].message.content or ""
+
+
+def test_an_idle_server_answers_without_waiting_for_the_window(int8_backend: RemoteBackend) -> None:
+    client = int8_backend.client(timeout=30)  # far below the 60 s window
+    assert _greedy(client, "tiny")
+    assert int8_backend.metric("understudy_backend_time_to_first_token_seconds_sum") < 30
+
+
+def test_adapters_hot_swap_on_an_int8_base(int8_backend: RemoteBackend, lora_dirs: dict[str, Path]) -> None:
+    client = int8_backend.client(timeout=30)
+    base, alpha = _greedy(client, "tiny"), _greedy(client, "alpha")
+    assert alpha != base
+    body = {"lora_name": "route", "lora_path": str(lora_dirs["beta"])}
+    assert int8_backend.post("/v1/load_lora_adapter", json=body).status_code == 200
+    beta = _greedy(client, "route")
+    swap = {"lora_name": "route", "lora_path": str(lora_dirs["alpha"]), "load_inplace": True}
+    assert int8_backend.post("/v1/load_lora_adapter", json=swap).status_code == 200
+    assert _greedy(client, "route") == alpha != beta
+    assert int8_backend.post("/v1/unload_lora_adapter", json={"lora_name": "route"}).status_code == 200
+    assert _greedy(client, "tiny") == base
