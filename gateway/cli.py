@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway import admin_cli, admin_verbs
+from gateway import admin_cli, admin_verbs, extras
 from gateway.settings import ConfigError, Settings, load_settings
 from trainer.offline import enforce_offline
 
@@ -23,14 +23,14 @@ log = logging.getLogger(__name__)
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    try:
-        settings = load_settings(args.config, host=args.host, port=args.port)
-    except ConfigError as exc:
-        print(f"understudy: {exc}", file=sys.stderr)
-        return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        settings = extras.fit_to_install(load_settings(args.config, host=args.host, port=args.port))
+    except ConfigError as exc:
+        print(f"understudy: {exc}", file=sys.stderr)
+        return 2
     uvicorn.Server(server_config(settings, args.log_level)).run()
     return 0
 
@@ -74,19 +74,35 @@ def server_config(settings: Settings, log_level: str = "info") -> uvicorn.Config
     )
 
 
+def _needs(extra: str, what: str) -> bool:
+    """False, with the one line naming the extra, when this install cannot run `what`."""
+    try:
+        extras.require(extra, what)
+    except ConfigError as exc:
+        print(f"understudy: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def _backend(argv: list[str]) -> int:
+    if not _needs("local", "understudy backend"):
+        return 2
     from local_backend.cli import main as backend_main
 
     return backend_main(argv)
 
 
 def _train(argv: list[str]) -> int:
+    if not _needs("train", "understudy train"):
+        return 2
     from trainer.cli import main as trainer_main
 
     return trainer_main(argv)
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if not _needs("demo", "understudy demo"):
+        return 2
     from gateway.demo.run import run_demo
 
     logging.basicConfig(level=logging.WARNING)
