@@ -79,6 +79,15 @@ class RunningGateway:
         self.server.should_exit = True
         self.thread.join(30)
 
+    def wait_backend_healthy(self, timeout: float = 300.0) -> None:
+        """Wait until the supervised local backend answers (it loads its model at start)."""
+        backend = self.app.services.backend
+        assert backend is not None, "no local backend configured"
+        deadline = time.monotonic() + timeout
+        while not backend.healthy.is_set():  # an asyncio.Event of the gateway's loop: poll it
+            assert time.monotonic() < deadline, "local backend never became healthy"
+            time.sleep(0.2)
+
     def wait_for_records(self, count: int, timeout: float = 10.0, **where: Any) -> list[dict[str, Any]]:
         from gateway.store.base import RecordFilter
 

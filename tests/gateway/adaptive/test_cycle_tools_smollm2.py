@@ -84,12 +84,7 @@ def _start(tmp_path: Path, model_cache_dir: Path, cloud: FakeCloudServer) -> Run
         }
     )
     gateway = start_gateway(settings)
-    backend = gateway.app.services.backend
-    assert backend is not None
-    deadline = time.monotonic() + 300
-    while not backend.healthy.is_set():
-        assert time.monotonic() < deadline, "local backend never became healthy"
-        time.sleep(0.5)
+    gateway.wait_backend_healthy(300)
     return gateway
 
 

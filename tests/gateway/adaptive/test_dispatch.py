@@ -92,12 +92,7 @@ def served_route(
         )
         gateway = start_gateway(settings)
         running.append(gateway)
-        backend = gateway.app.services.backend
-        assert backend is not None
-        deadline = time.monotonic() + 120
-        while not backend.healthy.is_set():
-            assert time.monotonic() < deadline, "local backend never became healthy"
-            time.sleep(0.2)
+        gateway.wait_backend_healthy(120)
         return gateway
 
     yield start

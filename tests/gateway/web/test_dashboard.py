@@ -219,12 +219,7 @@ def cycle_gateway(tmp_path: Path, tiny_model_dir: Path) -> Iterator[RunningGatew
     )
     gateway = start_gateway(settings)
     gateway.app.timeline.interval_s = 1.0
-    backend = gateway.app.services.backend
-    assert backend is not None
-    deadline = time.monotonic() + 120
-    while not backend.healthy.is_set():
-        assert time.monotonic() < deadline, "local backend never became healthy"
-        time.sleep(0.2)
+    gateway.wait_backend_healthy(120)
     yield gateway
     gateway.stop()
     cloud.stop()
