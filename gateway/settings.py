@@ -47,6 +47,8 @@ class UpstreamSettings(_Strict):
     client: Literal["httptools", "aiohttp"] = "httptools"
     # For `litellm`: the prefix litellm uses to pick the provider, e.g. "anthropic/".
     model_prefix: str = ""
+    # For `litellm` with Azure OpenAI ("azure/"): the API version, e.g. "2024-10-21".
+    api_version: str | None = None
     timeout_s: float = Field(600.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
     # Longest silence allowed between two bytes of an upstream answer (first byte included).

@@ -118,6 +118,8 @@ class LiteLLMUpstream:
             args["api_key"] = self.api_key
         if self.settings.base_url:
             args["api_base"] = self.settings.base_url
+        if self.settings.api_version:
+            args["api_version"] = self.settings.api_version
         args["timeout"] = self.settings.timeout_s
         if body.get("stream") and (body.get("stream_options") or {}).get("include_usage"):
             args["stream_options"] = {"include_usage": True}
