@@ -86,7 +86,10 @@ def _adapter_row(adapter: dict[str, Any]) -> list[str]:
     return [
         f"v{adapter['version']}",
         role + flags,
-        _cell(meta.get("sample_count")),
+        _cell(meta.get("real_count", meta.get("sample_count"))),
+        _cell(meta.get("synthetic_count", 0)),
+        _cell(meta.get("imported_count", 0)),
+        _cell(meta.get("steps_run")),
         _cell(meta.get("train_loss")),
         _cell(meta.get("created_at")),
     ]
@@ -209,7 +212,16 @@ ACTIONS: dict[tuple[str, str], Action] = {
     ("jobs", "cancel"): jobs_cancel,
 }
 HEADERS = {
-    ("route", "adapters"): ("VERSION", "ROLE", "SAMPLES", "TRAIN LOSS", "CREATED"),
+    ("route", "adapters"): (
+        "VERSION",
+        "ROLE",
+        "REAL",
+        "SYNTHETIC",
+        "IMPORTED",
+        "STEPS",
+        "TRAIN LOSS",
+        "CREATED",
+    ),
     ("dataset", "list"): ("ID", "NAME", "PAIRS", "HELD OUT"),
 }
 

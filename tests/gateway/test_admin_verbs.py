@@ -46,8 +46,9 @@ def test_route_verbs(adaptive_gateway: AdaptiveGateway, capsys: pytest.CaptureFi
     code, out, _ = understudy(capsys, adaptive_gateway, "route", "adapters", ROUTE)
     assert code == 0
     header, *rows = out.splitlines()
-    assert header.split()[:2] == ["VERSION", "ROLE"]
+    assert header.split()[:5] == ["VERSION", "ROLE", "REAL", "SYNTHETIC", "IMPORTED"]
     assert [row.split()[0] for row in rows] == ["v2", "v1"] and "active" in rows[1]  # newest first
+    assert rows[0].split()[1:4] == ["20", "60", "0"]  # real and synthetic pairs per adapter
 
     code, out, _ = understudy(
         capsys, adaptive_gateway, "route", "rollback", ROUTE, "--version", "2", "--json"
