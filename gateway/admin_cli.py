@@ -196,7 +196,7 @@ def status_lines(client: AdminClient) -> list[str]:
     return [
         f"Understudy at {client.url}: {ready}, local backend {backend}",
         f"last minute: {recent['requests'] / uptime:.2f} requests/s, {local_share} served locally",
-        f"since start: {_money(spend)} cloud spend, {_money(saved)} saved by local answers",
+        f"all time: {_money(spend)} cloud spend, {_money(saved)} saved by local answers",
     ]
 
 

@@ -12,6 +12,10 @@ since clients choose those strings).
 the local model served, priced as the route's upstream model). Prompt tokens the upstream
 served from its cache (`prompt_tokens_details.cached_tokens`, `input_tokens_details` for the
 Responses API) are priced at the cached rate (`cache_read_input_token_cost`) when one is known.
+
+Each priced answer is also one line of the persisted cost ledger (`ledger`, the log writer's
+`add_cost`): kind `spend`, `savings` or `judge`, by route, client and day. The counters are
+this process's; the ledger is every replica's since the store began.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import importlib.util
 import json
 import logging
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,7 @@ from typing import Any
 from gateway.metrics import Metrics
 from gateway.routing import CACHEABLE_NAME_LENGTH
 from gateway.settings import PriceSettings, RouteSettings
+from gateway.store.base import CostEntry
 
 log = logging.getLogger("understudy.pricing")
 
@@ -172,12 +178,14 @@ def _candidates(model: str) -> list[str]:
 
 
 class CostMeter:
-    """Prices each answer into the cost metrics. Labels are config route names and the fixed
-    backend set, never client model strings."""
+    """Prices each answer into the cost metrics and the cost ledger. Labels are config route
+    names and the fixed backend set, never client model strings."""
 
     def __init__(self, metrics: Metrics, prices: PriceBook):
         self.metrics = metrics
         self.prices = prices
+        # Where ledger lines go (the log writer, which commits them off the request path).
+        self.ledger: Callable[[CostEntry], None] = lambda entry: None
 
     def record(
         self,
@@ -187,16 +195,24 @@ class CostMeter:
         prompt_tokens: int | None,
         completion_tokens: int | None,
         cached_tokens: int = 0,
+        client: str | None = None,
+        own_call: bool = False,
     ) -> float:
-        """One answer: `model` is what the cloud was asked for (for a cloud answer). Returns
-        what it cost in USD (0 for a local answer)."""
+        """One answer: `model` is what the cloud was asked for (for a cloud answer); `client`
+        the client key's name (or address), never its secret; `own_call` for the gateway's own
+        calls (judging, spot checks). Returns what it cost in USD (0 for a local answer)."""
         prompt, completion = prompt_tokens or 0, completion_tokens or 0
         spent = self.metrics.cost.labels(route.name, backend)
         if backend == "cloud":
             cost = self.prices.cost(model, prompt, completion, cached_tokens)
             spent.inc(cost)
+            self._enter(route.name, backend, "judge" if own_call else "spend", cost, client)
             return cost
         spent.inc(0)  # the local model costs no API money; keep the series visible
         saved = self.prices.cost(route.upstream_model or model, prompt, completion)
         self.metrics.cost_saved.labels(route.name).inc(saved)
+        self._enter(route.name, backend, "savings", saved, client)
         return 0.0
+
+    def _enter(self, route: str, backend: str, kind: str, usd: float, client: str | None) -> None:
+        self.ledger(CostEntry(time.time(), route, backend, kind, usd, client))

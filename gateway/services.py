@@ -65,6 +65,7 @@ class Services:
             on_written=self.metrics.log_records.inc,
             on_lost=self.metrics.log_write_errors.inc,
         )
+        self.costs.ledger = self.writer.add_cost
         self.metrics.track(self.metrics.log_queue_depth, lambda: self.writer.depth)
         self.metrics.track(self.metrics.event_loop_tasks, self._loop_tasks)
         self.backend: BackendSupervisor | None = None
@@ -222,7 +223,8 @@ class Services:
             await self.commit(ex)
             raise UpstreamUnreachable(f"upstream answered {ex.status} to a {kind} call")
         ex.usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
-        spent = self.costs.record(route, "cloud", ex.model, *usage_tokens(ex.usage), cached_tokens(ex.usage))
+        tokens = usage_tokens(ex.usage)
+        spent = self.costs.record(route, "cloud", ex.model, *tokens, cached_tokens(ex.usage), own_call=True)
         self.metrics.judge_cost.labels(route_name).inc(spent)
         await self.commit(ex)
         return answer
@@ -251,4 +253,6 @@ class Services:
             if ex.status < 400:
                 model = ex.model if ex.backend != "cloud" else ex.upstream_model or ex.model
                 route = self.routes.by_name[ex.route]
-                self.costs.record(route, ex.backend, model, prompt, completion, cached_tokens(usage))
+                self.costs.record(
+                    route, ex.backend, model, prompt, completion, cached_tokens(usage), client=ex.client
+                )

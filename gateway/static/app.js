@@ -137,7 +137,7 @@
     const match = route.match.length ? route.match.map((m) => h("code", {}, m)) : [h("code", {}, "everything else")];
     const t = route.totals.requests;
     const totals = h("span", { class: "pin-label" },
-      `${t.cloud + t.local + t.failover} requests since start · ${money(route.totals.cost_usd)} spent · ${money(route.totals.cost_saved_usd)} saved · ${money(route.totals.judge_cost_usd)} judging · ${money(route.totals.net_saved_usd)} net`);
+      `${t.cloud + t.local + t.failover} requests since start · all time: ${money(route.totals.cost_usd)} spent · ${money(route.totals.cost_saved_usd)} saved · ${money(route.totals.judge_cost_usd)} judging · ${money(route.totals.net_saved_usd)} net`);
     const children = [h("h2", {}, route.name), h("span", { class: "match" }, match, target), ...badges, h("span", { class: "spacer" }), totals];
     if (route.adapt) {
       const current = route.pinned || "auto";

@@ -7,6 +7,10 @@ transaction (group commit), so the cost per record falls as traffic rises.
 When the store fails (disk full, read-only), requests keep being served: the records wait in
 a bounded spill and are retried with back-off; what overflows the spill is counted as lost in
 `log_write_errors_total`, never dropped silently.
+
+Cost ledger lines (`add_cost`) ride along: the thread writes them after each batch, and a
+timer wakes it within COST_DELAY_S when no record comes. They are not awaited by any request,
+so a SIGKILL may lose the last COST_DELAY_S of them; a failing store keeps them for retry.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
-from gateway.store.base import LogRecord, Store
+from gateway.store.base import CostEntry, LogRecord, Store
 
 log = logging.getLogger("understudy.store")
 
 _STOP: Final = object()
+COST_DELAY_S: Final = 0.5
 _Item = tuple[LogRecord, "asyncio.Future[bool]"]
 
 
@@ -62,6 +67,8 @@ class LogWriter:
         self._retry_at = 0.0
         self._warn_depth = warn_depth
         self._warned_at = -60.0
+        self._costs: deque[CostEntry] = deque()
+        self._cost_timer = False
 
     @property
     def depth(self) -> int:
@@ -83,6 +90,18 @@ class LogWriter:
         if len(self._pending) == 1:
             self._loop.call_soon(self._hand_over)
         return future
+
+    def add_cost(self, entry: CostEntry) -> None:
+        """A ledger line, written off the request path (call from the event loop)."""
+        self._costs.append(entry)
+        if not self._cost_timer and self._loop is not None:
+            self._cost_timer = True
+            self._loop.call_later(COST_DELAY_S, self._wake_for_costs)
+
+    def _wake_for_costs(self) -> None:
+        self._cost_timer = False
+        if self._costs:
+            self._queue.put([])  # an empty hand-over: the thread wakes and writes the costs
 
     def _hand_over(self) -> None:
         if self._pending:
@@ -106,7 +125,9 @@ class LogWriter:
             durable = self._write(batch)
             if futures and self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(_resolve, futures, durable)
+            self._write_costs()  # after the records' futures: no request waits for these
         self._final_flush()
+        self._write_costs()
 
     def _warn_if_behind(self) -> None:
         depth = self.depth
@@ -168,6 +189,18 @@ class LogWriter:
                 self._spill.popleft()
             self._on_lost(overflow)
             log.error("log spill full: %d records lost", overflow)
+
+    def _write_costs(self) -> None:
+        if not self._costs or (self._spill and time.monotonic() < self._retry_at):
+            return
+        entries = [self._costs.popleft() for _ in range(len(self._costs))]
+        try:
+            self._store.add_costs(entries)
+        except Exception as exc:  # any store failure: keep the lines for the next write
+            log.error("cost ledger write failed (%s); %d lines held for retry", exc, len(entries))
+            self._costs.extendleft(reversed(entries))
+            while len(self._costs) > self._spill_limit:
+                self._costs.pop()
 
     def _final_flush(self) -> None:
         if not self._spill:

@@ -18,7 +18,7 @@ from gateway.errors import Conflict, NotFound
 from gateway.services import Services
 from gateway.settings import RouteSettings
 from gateway.store.base import RecordFilter
-from gateway.web import dashboard, datasets, logs
+from gateway.web import costs, dashboard, datasets, logs
 from gateway.web.common import ROUTE_NAME, adaptive_controller, json_body, route_of
 from gateway.web.endpoints import Endpoint, Param, build_routes, openapi_document
 from gateway.web.schemas import (
@@ -246,6 +246,7 @@ endpoints: list[Endpoint] = [
         params=(Param("job_id", "path", {"type": "string"}, "from POST .../train"),),
         errors=(404, 409),
     ),
+    *costs.endpoints,
     *dashboard.endpoints,
     Endpoint(
         "GET",

@@ -24,6 +24,7 @@ from gateway.errors import Forbidden, GatewayError, Unauthorized
 from gateway.services import Services
 from gateway.web.auth import SESSION_COOKIE, Sessions, key_matches, require_admin, sessions_of
 from gateway.web.common import read_capped
+from gateway.web.costs import ledger_money, with_ledger
 from gateway.web.endpoints import Endpoint
 from gateway.web.overview import route_totals, route_view
 from gateway.web.schemas import Dashboard, DashboardRoute, RouteTotals
@@ -51,20 +52,24 @@ def _local_backend(services: Services) -> str | None:
     return "healthy" if services.backend.healthy.is_set() else "starting"
 
 
-def _route_views(
-    services: Services, series: dict[str, list[Point]], totals: dict[str, RouteTotals]
-) -> list[DashboardRoute]:
+def _route_views(services: Services, series: dict[str, list[Point]]) -> list[DashboardRoute]:
+    totals = route_totals(services.metrics.families())
+    money = ledger_money(services)
     return [
-        route_view(services, route, series[route.name], totals.get(route.name, _EMPTY_TOTALS))
+        route_view(
+            services,
+            route,
+            series[route.name],
+            with_ledger(totals.get(route.name, _EMPTY_TOTALS), money.get(route.name, {})),
+        )
         for route in services.routes.routes
     ]
 
 
 async def get_dashboard(request: Request, services: Services) -> Dashboard:
     timeline: Timeline = request.app.state.timeline
-    totals = await asyncio.to_thread(lambda: route_totals(services.metrics.families()))
     series = {route.name: timeline.series(route.name) for route in services.routes.routes}
-    views = await asyncio.to_thread(_route_views, services, series, totals)
+    views = await asyncio.to_thread(_route_views, services, series)
     return Dashboard(
         generated_at=time.time(),
         started_at=timeline.started_at,
