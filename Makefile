@@ -54,7 +54,8 @@ test: lint typecheck
 # The gateway-only install (`pip install understudy`, no torch) in a fresh venv, and the tests
 # of what it serves: the proxy, limits, upstreams, the extras check, import-litellm (~1-2 min).
 SLIM := /tmp/understudy-slim
-SLIM_TESTS := tests/gateway/proxy tests/gateway/limits tests/gateway/upstream tests/gateway/test_extras.py
+SLIM_TESTS := tests/gateway/proxy tests/gateway/limits tests/gateway/upstream \
+	tests/gateway/test_extras.py tests/gateway/test_import_litellm.py
 test-slim:
 	rm -rf $(SLIM) && $(PYTHON) -m venv $(SLIM)
 	$(SLIM)/bin/pip install -q -c constraints.txt . pytest pytest-asyncio pytest-timeout openai $(QUIET)

@@ -110,6 +110,28 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(Path(root), keep=args.keep)
 
 
+def _import_litellm(args: argparse.Namespace) -> int:
+    from gateway.litellm_import import convert_file
+
+    output = Path(args.output)
+    if args.output != "-" and output.exists() and not args.force:
+        print(f"understudy: {output} exists (--force to overwrite, -o - for stdout)", file=sys.stderr)
+        return 2
+    try:
+        text, report = convert_file(Path(args.source))
+    except ConfigError as exc:
+        print(f"understudy: {exc}", file=sys.stderr)
+        return 2
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        print(f"wrote {output}", file=sys.stderr)
+    for line in report.lines():
+        print(line, file=sys.stderr)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="understudy", description="A learning OpenAI-API gateway.")
     parser.add_argument("--version", action="version", version=f"understudy {_version()}")
@@ -122,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="offline showcase: watch a route learn and go local")
     demo.add_argument("--data-dir", help="where the demo works (default $UNDERSTUDY_DATA_DIR or .understudy)")
     demo.add_argument("--keep", action="store_true", help="keep the demo's logs and adapters afterwards")
+    migrate = commands.add_parser(
+        "import-litellm", help="write a gateway.yaml equivalent to a LiteLLM proxy config.yaml"
+    )
+    migrate.add_argument("source", help="LiteLLM's config.yaml (model_list, litellm_settings, ...)")
+    migrate.add_argument("-o", "--output", default="gateway.yaml", help="where to write (- for stdout)")
+    migrate.add_argument("--force", action="store_true", help="overwrite the output file")
     commands.add_parser(
         "backend", help="run the local model server (see: understudy backend --help)", add_help=False
     )
@@ -154,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "import-litellm":
+        return _import_litellm(args)
     if args.command in ("routes", "status"):
         return admin_cli.run(args.command, args)
     if args.command in ("route", "logs", "jobs", "dataset"):
