@@ -38,10 +38,11 @@ from gateway.errors import (
     UpstreamUnreachable,
 )
 from gateway.settings import UpstreamSettings
-from gateway.upstream.base import client_facing_headers
+from gateway.upstream.base import HOP_BY_HOP
 
 CONNECT_TIMEOUT_CODE: Final = "upstream_connect_timeout"
 IDLE_KEEPALIVE_S: Final = 30.0
+_HOP_BY_HOP: Final = frozenset(name.encode() for name in HOP_BY_HOP)
 # Buffered answer bytes the consumer has not taken yet, above which the socket is not read.
 HIGH_WATER: Final = 1 << 20
 _BODILESS_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
@@ -184,8 +185,13 @@ class Http1Response:
     def _headers_complete(self, status: int) -> None:
         content_type = ""
         chunked = False
+        # As the client should see them (base.client_facing_headers, here on bytes): hop-by-hop
+        # ones dropped, the upstream's request id renamed, no spoofed gateway headers.
+        passed = self.headers
         for name, value in self._raw_headers:
             lowered = name.lower()
+            if lowered not in _HOP_BY_HOP and not lowered.startswith(b"x-understudy-"):
+                passed.append((b"x-upstream-request-id" if lowered == b"x-request-id" else lowered, value))
             if lowered == b"content-type":
                 content_type = value.decode("latin-1")
             elif lowered == b"content-length" and value.strip().isdigit():
@@ -202,12 +208,6 @@ class Http1Response:
             self.content_length is None and not chunked and status >= 200 and status not in (204, 304)
         )
         self.content_type = content_type
-        self.headers = client_facing_headers(
-            [
-                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-                for n, v in self._raw_headers
-            ]
-        )
         self.status = status
         self._wake()
 

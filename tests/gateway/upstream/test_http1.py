@@ -66,7 +66,9 @@ class RawServer:
         body = b'{"ok": true}'
         if path.endswith("/length"):
             writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n" + body
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\nX-Request-Id: up-1\r\n"
+                b"Connection: keep-alive\r\nX-Understudy-Route: spoofed\r\nOpenAI-Processing-Ms: 7\r\n\r\n"
+                + body
             )
         elif path.endswith("/chunked"):
             writer.write(CHUNKED + chunk(b"data: 1\n\n") + chunk(b"data: 2\n\n") + b"0\r\n\r\n")
@@ -147,6 +149,15 @@ async def call(client: Http1Client, path: str, body: bytes = b"{}") -> tuple[int
 
 async def test_each_framing_and_gzip_arrive_whole(raw_server: RawServer) -> None:
     client = client_for(f"http://127.0.0.1:{raw_server.port}/v1")
+    head = client.encode_head("POST", "/length", "", {}, b"{}")
+    response = await client.request("POST", head, b"{}")
+    # as the client should see them: hop-by-hop and spoofed gateway headers gone, the id renamed
+    assert response.headers == [
+        (b"content-type", b"application/json"),
+        (b"x-upstream-request-id", b"up-1"),
+        (b"openai-processing-ms", b"7"),
+    ]
+    assert await response.read() == b'{"ok": true}'
     for path in ("/length", "/close-delimited"):
         status, body, _ = await call(client, path)
         assert (status, body) == (200, b'{"ok": true}'), path
