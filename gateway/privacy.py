@@ -142,7 +142,9 @@ def collect(store: Store, route: str | None, before: float | None) -> Forget:
     return forget
 
 
-def forget(store: Store, data_dir: Path, route: str | None, before: float | None) -> ForgetReport:
+def forget(
+    store: Store, data_dir: Path, route: str | None, before: float | None, adapters_dir: Path | None = None
+) -> ForgetReport:
     """Delete the matching records and every copy of their prompts under `data_dir` and in
     the store. Blocking: run it in a worker thread."""
     found = collect(store, route, before)
@@ -150,7 +152,7 @@ def forget(store: Store, data_dir: Path, route: str | None, before: float | None
     if found.texts:
         report.own_calls = _forget_own_calls(store, found)
         report.evals = _forget_evals(store, found)
-        _forget_adapter_data(data_dir / "adapters", found, report)
+        _forget_adapter_data(adapters_dir or data_dir / "adapters", found, report)
         report.job_lines = _forget_job_files(data_dir / "jobs", found)
     log.info(
         "privacy deletion (route=%s, before=%s unix s): %s",

@@ -234,6 +234,9 @@ class Settings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     data_dir: Path = Path(".understudy")
+    # Adapter versions (ROUTE/vN/), default data_dir/adapters. Replicas and the local backend
+    # share it as one volume, mounted at the same path in each (the backend is sent paths).
+    adapters_dir: Path | None = None
     # Empty: SQLite at data_dir/understudy.db; `sqlite:///PATH` puts it elsewhere;
     # `postgresql://USER:PASSWORD@HOST:PORT/DB` is shared by several replicas.
     database_url: str | None = None
@@ -311,6 +314,11 @@ class Settings(_Strict):
         return routes
 
     @property
+    def adapters_root(self) -> Path:
+        """Absolute: the local backend is sent these paths and may run in another directory."""
+        return (self.adapters_dir or self.data_dir / "adapters").absolute()
+
+    @property
     def local_base_url(self) -> str:
         return self.local.base_url or f"http://{self.local.host}:{self.local.port}/v1"
 
@@ -330,6 +338,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         "UNDERSTUDY_HOST": "host",
         "UNDERSTUDY_PORT": "port",
         "UNDERSTUDY_DATA_DIR": "data_dir",
+        "UNDERSTUDY_ADAPTERS_DIR": "adapters_dir",
         "UNDERSTUDY_ADMIN_KEY": "admin_key",
         "UNDERSTUDY_DATABASE_URL": "database_url",
         "UNDERSTUDY_REDIS_URL": "redis_url",

@@ -1,5 +1,6 @@
-"""Versioned LoRA adapters on disk: `DATA_DIR/adapters/ROUTE/vN/` (peft folder + meta.json +
-the data splits it was trained and is to be judged on).
+"""Versioned LoRA adapters on disk: `ADAPTERS_DIR/ROUTE/vN/` (peft folder + meta.json + the
+data splits it was trained and is to be judged on); ADAPTERS_DIR defaults to DATA_DIR/adapters
+and may be a volume that several gateways, their trainers and the local backend share.
 
 A version appears atomically: the job trains into a staging folder next to the versions and
 renames it onto a freshly claimed, empty `vN` at the end. A folder counts as a version only
@@ -46,10 +47,10 @@ class AdapterVersion:
 
 
 class AdapterRegistry:
-    """The adapter versions of every route under `DATA_DIR/adapters`."""
+    """The adapter versions of every route under `root` (default `DATA_DIR/adapters`)."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.root = Path(data_dir) / "adapters"
+    def __init__(self, data_dir: Path, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else Path(data_dir) / "adapters"
 
     def route_dir(self, route: str) -> Path:
         return self.root / validate_route(route)

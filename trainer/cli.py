@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m trainer", description="Train a LoRA adapter for a route from its logged pairs."
     )
     parser.add_argument(
-        "--route", required=True, help="route name; the adapter goes to DATA_DIR/adapters/ROUTE/vN"
+        "--route", required=True, help="route name; the adapter goes to ADAPTERS_DIR/ROUTE/vN"
     )
     parser.add_argument("--data-dir", type=Path, help="default $UNDERSTUDY_DATA_DIR or ./.understudy")
     parser.add_argument("--job-id", help="default: a fresh ftjob-... id")
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         spec = spec_from_args(args)
+        if spec.adapters_dir is None and os.environ.get("UNDERSTUDY_ADAPTERS_DIR"):
+            spec = spec.model_copy(update={"adapters_dir": Path(os.environ["UNDERSTUDY_ADAPTERS_DIR"])})
         route = validate_route(args.route)
         job_id = validate_job_id(args.job_id) if args.job_id else new_job_id()
     except (ValidationError, TrainerError) as exc:

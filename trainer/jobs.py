@@ -111,15 +111,17 @@ class JobManager:
         *,
         stop_grace_s: float = STOP_GRACE_S,
         on_finish: OnFinish | None = None,
+        adapters_dir: Path | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.adapters_dir = adapters_dir
         self.jobs_dir = self.data_dir / "jobs"
         self.python = python
         self.stop_grace_s = stop_grace_s
         self.on_finish = on_finish
         self._jobs: dict[str, _Job] = {}
         self._routes: dict[str, str] = {}
-        self._adapters = AdapterRegistry(self.data_dir)
+        self._adapters = AdapterRegistry(self.data_dir, adapters_dir)
 
     # --- reading --------------------------------------------------------------------------
 
@@ -171,7 +173,7 @@ class JobManager:
         )
         try:
             write_status(self.status_path(job_id), queued)
-            job_spec = self._with_failed(job_id, spec or TrainSpec(), failed_pairs)
+            job_spec = self._with_failed(job_id, self._located(spec or TrainSpec()), failed_pairs)
             process = await self._spawn(route, job_id, job_spec)
         except OSError as exc:
             del self._routes[route]
@@ -184,6 +186,12 @@ class JobManager:
         job.supervisor = asyncio.create_task(self._supervise(job), name=f"trainer-{job_id}")
         log.info("training job %s for route %s started (pid %d)", job_id, route, process.pid)
         return job_id
+
+    def _located(self, spec: TrainSpec) -> TrainSpec:
+        """The spec writing its adapter under this manager's adapters dir, unless it says where."""
+        if spec.adapters_dir is not None or self.adapters_dir is None:
+            return spec
+        return spec.model_copy(update={"adapters_dir": self.adapters_dir})
 
     def _with_failed(self, job_id: str, spec: TrainSpec, pairs: Sequence[dict[str, Any]]) -> TrainSpec:
         """The spec pointed at the failed pairs, written next to the job's status file."""

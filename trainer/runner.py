@@ -134,7 +134,7 @@ def _train_and_publish(
         chosen.counts,
         dict(conversion.skipped),
     )
-    registry = AdapterRegistry(ctx.data_dir)
+    registry = AdapterRegistry(ctx.data_dir, spec.adapters_dir)
     with registry.staging(ctx.route, ctx.job_id) as stage:
         files = DataFiles(stage / TRAIN_FILE, stage / HELDOUT_FILE, stage / VALIDATION_FILE)
         write_jsonl(files.train, chosen.train)

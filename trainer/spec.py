@@ -14,7 +14,9 @@ from local_backend.loading import DEFAULT_MODEL
 
 ALL_LINEAR: Literal["all-linear"] = "all-linear"
 # Fields that say where and on what it runs, not how to train: left out of the recorded hyperparameters.
-_LOCATION_FIELDS = frozenset({"data", "store_url", "failed_data", "model_cache", "device", "threads"})
+_LOCATION_FIELDS = frozenset(
+    {"data", "store_url", "adapters_dir", "failed_data", "model_cache", "device", "threads"}
+)
 
 
 class TrainSpec(BaseModel):
@@ -25,6 +27,9 @@ class TrainSpec(BaseModel):
     data: Path | None = Field(None, description="JSONL of log records or {'messages': [...]} chats")
     store_url: str | None = Field(
         None, description="the gateway's log store when no --data (default sqlite:///DATA_DIR/understudy.db)"
+    )
+    adapters_dir: Path | None = Field(
+        None, description="where adapter versions go, ROUTE/vN (default DATA_DIR/adapters)"
     )
     base_model: str = Field(DEFAULT_MODEL, description="bundled model name, local folder or GGUF file")
     init_adapter: Path | None = Field(None, description="continue from this peft adapter folder")

@@ -86,8 +86,8 @@ class AdaptiveController:
         self.metrics = metrics
         self.local = local
         self.cloud = cloud
-        self.jobs = JobManager(settings.data_dir)
-        self.adapters = AdapterRegistry(settings.data_dir)
+        self.jobs = JobManager(settings.data_dir, adapters_dir=settings.adapters_root)
+        self.adapters = AdapterRegistry(settings.data_dir, settings.adapters_root)
         self.imports = Imports(settings.data_dir)
         self.routes: dict[str, RouteRuntime] = {}
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -63,11 +63,15 @@ class LocalBackendClient:
             raise LocalBackendError(f"local backend unreachable: {type(exc).__name__}") from None
 
     async def ensure_adapter(self, name: str, path: Path) -> None:
-        """Load `name` from `path` unless this client already did since the last restart."""
+        """Load `name` from `path` unless this client already did since the last restart.
+        Idempotent across replicas sharing one backend: a name already loaded (by another
+        replica) is success. `path` must mean the same folder to the backend (settings'
+        `adapters_root` is absolute; a shared volume is mounted at one path in both)."""
         async with self._lock:
             if name in self.loaded:
                 return
-            status, text = await self._post("/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+            body = {"lora_name": name, "lora_path": str(path)}
+            status, text = await self._post("/load_lora_adapter", body)
             # vLLM answers 400 "already loaded" for a name it has: that is success here.
             if status != 200 and "already" not in text.lower():
                 raise LocalBackendError(f"loading adapter {name} failed ({status}): {text[:300]}")

@@ -126,7 +126,10 @@ async def delete_logs(request: Request, services: Services) -> DeleteResult:
     if route is None and before is None:
         raise InvalidRequest("give 'route' and/or 'before' (ISO 8601): refusing to delete every record")
     retrain = query_choice(request, "retrain", ("true", "false")) == "true"
-    report = await asyncio.to_thread(forget, services.store, services.settings.data_dir, route, before)
+    settings = services.settings
+    report = await asyncio.to_thread(
+        forget, services.store, settings.data_dir, route, before, settings.adapters_root
+    )
     jobs = await _retrain(services, routes_to_retrain(report)) if retrain else {}
     derived = report.as_dict()
     return DeleteResult(deleted=derived.pop("records"), derived=DerivedDeletion(**derived), retrain_jobs=jobs)

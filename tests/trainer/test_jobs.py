@@ -260,3 +260,20 @@ async def test_failed_pairs_travel_to_the_job_and_are_trained_on(
     version = AdapterRegistry(data_dir).latest("words")
     assert version is not None and version.meta["selection"]["failed"] == 1
     assert f"Say the word {word}" in (version.path / "train.jsonl").read_text()
+
+
+async def test_adapters_dir_holds_the_versions(tiny_spec: MakeSpec, data_dir: Path, tmp_path: Path) -> None:
+    """A shared adapters volume apart from the data dir: the job writes its version there, and
+    a registry on that volume (another replica's) reads it."""
+    shared = tmp_path / "volume" / "adapters"
+    jobs = JobManager(data_dir, adapters_dir=shared)
+    try:
+        job_id = await jobs.start("words", tiny_spec(epochs=1))
+        final, _ = await watch(jobs, job_id)
+    finally:
+        await jobs.aclose()
+    assert final["status"] == "completed", final
+    assert final["adapter_path"] == str(shared / "words" / "v1")
+    assert not (data_dir / "adapters").exists()
+    found = AdapterRegistry(tmp_path / "elsewhere", shared).latest("words")
+    assert found is not None and found.version == 1 and (found.path / "adapter_config.json").is_file()
