@@ -354,8 +354,13 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         upstream["api_key"] = api_key
     if upstream:
         overrides["upstream"] = upstream
+    local: dict[str, Any] = {}
     if environ.get("UNDERSTUDY_LOCAL"):
-        overrides["local"] = {"enabled": _parse_switch("UNDERSTUDY_LOCAL", environ["UNDERSTUDY_LOCAL"])}
+        local["enabled"] = _parse_switch("UNDERSTUDY_LOCAL", environ["UNDERSTUDY_LOCAL"])
+    if environ.get("UNDERSTUDY_LOCAL_BASE_URL"):  # one external backend (or vLLM) for every replica
+        local["base_url"] = environ["UNDERSTUDY_LOCAL_BASE_URL"]
+    if local:
+        overrides["local"] = local
     return overrides
 
 

@@ -116,3 +116,55 @@ async def test_every_metric_and_label_named_exists_on_a_live_gateway(gateway: An
             for label in MATCHER_LABEL.findall(matchers or ""):
                 assert label in known, f"{name} has no label {label!r} (has {sorted(known)})"
     assert named > 30
+
+
+# --- deploy/compose.yaml: two gateways, PostgreSQL, Redis, one local backend ----------------
+
+COMPOSE = ROOT / "deploy" / "compose.yaml"
+COMPOSE_VAR = re.compile(r"\$\{([A-Z_]+)(?::[-?][^}]*)?\}")
+
+
+def compose_services() -> dict[str, Any]:
+    document = yaml.safe_load(COMPOSE.read_text())  # merge keys (<<: *gateway) resolved
+    return dict(document["services"])
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> volume name."""
+    return {entry.split(":")[1]: entry.split(":")[0] for entry in service.get("volumes", [])}
+
+
+def test_compose_runs_two_gateways_on_one_database_redis_backend_and_adapters_volume(tmp_path: Path) -> None:
+    from gateway.settings import load_settings
+
+    services = compose_services()
+    gateways = {
+        name: s for name, s in services.items() if s.get("image") == "understudy" and "command" not in s
+    }
+    assert len(gateways) == 2
+    assert services["db"]["image"].startswith("postgres:")
+    assert services["redis"]["image"].startswith("redis:")
+    backend = services["backend"]
+    assert backend["command"][:2] == ["understudy", "backend"]
+    backend_port = backend["command"][backend["command"].index("--port") + 1]
+    config = tmp_path / "gateway.yaml"
+    config.write_text("{}\n")
+    volumes: set[str] = set()
+    for name, service in gateways.items():
+        assert {"db", "redis", "backend"} <= set(service["depends_on"]), name
+        # the environment as the container sees it (placeholders filled), read by the gateway
+        env = {key: COMPOSE_VAR.sub("x", str(value)) for key, value in service["environment"].items()}
+        settings = load_settings(config, environ=env)
+        assert settings.database_url is not None and settings.database_url.startswith("postgresql://")
+        assert "@db:5432/" in settings.database_url
+        assert settings.redis_url == "redis://redis:6379/0"
+        assert settings.local_base_url == f"http://backend:{backend_port}/v1"
+        assert not settings.manages_local_backend  # the one backend, not one each
+        adapters = str(settings.adapters_root)
+        volumes.add(mounts(service)[adapters])
+        assert mounts(backend)[adapters] == mounts(service)[adapters]  # the paths the backend is sent
+        assert mounts(service)["/data"] != mounts(backend)["/data"]  # each replica its own data dir
+    assert len(volumes) == 1  # one adapters volume for both
+    data_volumes = {mounts(service)["/data"] for service in gateways.values()}
+    assert len(data_volumes) == 2
+    assert set(yaml.safe_load(COMPOSE.read_text())["volumes"]) >= volumes | data_volumes

@@ -77,3 +77,13 @@ def test_bad_config_stops_start_up_with_one_clear_message(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "upstream.base_ulr: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_replica_settings_from_the_environment(tmp_path: Path) -> None:
+    """What deploy/compose.yaml sets: a shared adapters volume and one external backend."""
+    env = {"UNDERSTUDY_ADAPTERS_DIR": "/adapters", "UNDERSTUDY_LOCAL_BASE_URL": "http://backend:7000/v1"}
+    settings = load_settings(write(tmp_path, "{}"), environ=env)
+    assert settings.adapters_root == Path("/adapters")
+    assert settings.local_base_url == "http://backend:7000/v1" and not settings.manages_local_backend
+    default = load_settings(write(tmp_path, "data_dir: some/where\n"), environ={})
+    assert default.adapters_root == (Path("some/where") / "adapters").absolute()
