@@ -125,7 +125,11 @@ class Http1Response:
                 self.close()
                 raise self._too_large()
             self._take_reading()
-            await self._wait()
+            try:
+                await self._wait()
+            except asyncio.CancelledError:  # the caller gave up: so does the connection
+                self.close()
+                raise
         if self.buffered > self._limit:
             raise self._too_large()
         chunks = self._chunks

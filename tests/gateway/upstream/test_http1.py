@@ -95,6 +95,11 @@ class RawServer:
         elif path.endswith("/silent"):
             await asyncio.sleep(2)
             return False
+        elif path.endswith("/stall"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(2)
+            return False
         elif path.endswith("/cut"):
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + body)
             return False
@@ -291,3 +296,17 @@ async def test_https_with_a_trusted_certificate_and_refused_without(certificate:
         await call(untrusting, "/length")
     await untrusting.close()
     await server.stop()
+
+
+async def test_a_caller_giving_up_mid_answer_closes_the_connection(raw_server: RawServer) -> None:
+    client = client_for(f"http://127.0.0.1:{raw_server.port}", read_timeout=5.0)
+    head = client.encode_head("POST", "/stall", "", {}, b"{}")
+    response = await client.request("POST", head, b"{}")
+    reading = asyncio.create_task(response.read())
+    await asyncio.sleep(0.05)
+    assert client.open_connections == 1
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert client.open_connections == 0  # not held until the answer's timeout
+    await client.close()
