@@ -232,6 +232,7 @@ def test_both_replicas_log_to_one_table_and_a_sigkill_loses_no_completed_record(
     store = cluster.store()
     try:
         rows = store.list_records(RecordFilter(kind="user"), limit=10_000)
+        costs = store.cost_totals(by=("client", "kind"))
     finally:
         store.close()
     logged = {row["request_id"] for row in rows if row["status"] == 200}
@@ -240,6 +241,10 @@ def test_both_replicas_log_to_one_table_and_a_sigkill_loses_no_completed_record(
     assert len(by_a) >= 20 and len(by_b) >= 20  # both took their share before the kill
     assert by_a <= logged and by_b <= logged and {request_id for request_id, _ in after} <= logged
     assert len(rows) == len({row["request_id"] for row in rows})  # one record per answer
+    # one ledger for both, by client key name; the killed replica may lose its last 0.5 s
+    [spend] = costs
+    assert (spend["client"], spend["kind"]) == ("team", "spend")
+    assert len(by_b) + len(after) <= spend["answers"] <= len(completed) + len(after)
 
 
 def _wait_until_local(replicas: list[Replica], timeout: float) -> tuple[float, float]:
