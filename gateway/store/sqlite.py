@@ -117,6 +117,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 class SQLiteStore:
     def __init__(self, path: Path):
+        if str(path).startswith("sqlite:"):
+            # Path("sqlite:///abs/x.db") is the relative "sqlite:/abs/x.db": opening it would
+            # create a directory named "sqlite:" wherever the process runs.
+            raise ValueError(f"SQLiteStore takes a file path, not the URL {path!s}: use open_store(url)")
         self.path = Path(path)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []

@@ -247,3 +247,19 @@ def test_the_trainer_reads_pairs_through_the_same_url(store_url: str, store: Sto
     )
     result = records_to_samples(load_route_records(store_url, "r"))
     assert [s["messages"][-1]["content"] for s in result.samples] == ["A0", "A1", "A2"]
+
+
+def test_a_sqlite_url_is_never_taken_for_a_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Path("sqlite:///abs/x.db") is the relative path "sqlite:/abs/x.db": a store opened on it
+    would leave a directory named "sqlite:" in the working directory."""
+    from gateway.store.sqlite import SQLiteStore
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    for mistaken in (url, Path(url), f"sqlite:{tmp_path / 'x.db'}"):
+        with pytest.raises(ValueError, match="not the URL"):
+            SQLiteStore(mistaken)  # type: ignore[arg-type]
+    store = open_store(url)
+    store.open()
+    store.close()
+    assert (tmp_path / "x.db").is_file() and not (tmp_path / "sqlite:").exists()
