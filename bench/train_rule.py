@@ -2,12 +2,14 @@
 extraction, gateway/demo/task.py) with the bundled SmolLM2: wall time, CPU time, steps and the
 pass rate (JSON-equal answers) on fresh prompts the adapter never saw.
 
-    .venv/bin/python bench/train_rule.py [--pairs 100] [--heldout 50] [--threads 1]
+    .venv/bin/python bench/train_rule.py [--pairs 100] [--heldout 50] [--threads 1] [--retrain-pairs 1300]
 
 - old: 10 epochs (what `epochs_for(80)` gave: round(10000 / 80) clamped to 1..10), every
   non-held-out pair trained on, no validation slice, no early stopping;
 - new: the defaults (budget of examples seen, epoch cap, early stopping on a validation slice).
-Both run the production job (`trainer.runner.run_job`) in their own process, one after the
+- retrain (with --retrain-pairs N): the new rule's first job on --pairs, then the next job on
+  the log grown to N pairs, starting from that adapter (the gateway's retrain).
+Each runs the production job (`trainer.runner.run_job`) in their own process, one after the
 other, with the same thread count; the pass rate is measured with greedy decoding on prompts
 drawn with another seed than the training ones.
 """
@@ -32,6 +34,7 @@ if str(REPO) not in sys.path:
 OLD_RULE = {"epochs": 10, "validation_fraction": 0.0, "early_stopping_patience": 0}
 NEW_RULE: dict[str, Any] = {}
 MAX_NEW_TOKENS = 40
+TASK = "gateway/demo/task.py (name/age/city extraction), CPU"
 GENERATION_BATCH = 8
 
 
@@ -49,24 +52,36 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def train(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], float, float]:
-    """(meta.json, wall seconds, CPU seconds) of one job on the task's pairs."""
+def train(
+    args: argparse.Namespace, work: Path, pairs: int | None = None, init: Path | None = None
+) -> tuple[dict[str, Any], float, float, Path]:
+    """(meta.json, wall seconds, CPU seconds, adapter folder) of one job on the task's pairs
+    (`pairs` of them, else args.pairs; args.data instead when given), from `init` if given."""
     from trainer.dataset import write_jsonl
     from trainer.runner import JobContext, run_job
     from trainer.spec import TrainSpec
 
-    data = work / "pairs.jsonl"
-    write_jsonl(data, chats(args.pairs, seed=11))
+    data = args.data
+    if data is None:  # the task's pairs, all from "real traffic"; more pairs extend the log
+        data = work / f"pairs-{pairs or args.pairs}.jsonl"
+        write_jsonl(data, chats(pairs or args.pairs, seed=11))
     rule = OLD_RULE if args.arm == "old" else NEW_RULE
     spec = TrainSpec(
-        data=data, base_model=args.model, model_cache=Path(args.cache), threads=args.threads, **rule
+        data=data,
+        base_model=args.model,
+        model_cache=Path(args.cache),
+        threads=args.threads,
+        init_adapter=init,
+        **rule,
     )
     data_dir = work / "data"
     started, cpu = time.monotonic(), cpu_seconds()
-    run_job(JobContext("task", data_dir, f"ftjob-{args.arm}", data_dir / "status.json"), spec)
+    job = f"ftjob-{args.arm}-{'retrain' if init else 'first'}"
+    run_job(JobContext("task", data_dir, job, data_dir / f"{job}.json"), spec)
     wall, cpu = time.monotonic() - started, cpu_seconds() - cpu
-    meta = json.loads((data_dir / "adapters" / "task" / "v1" / "meta.json").read_text())
-    return meta, wall, cpu
+    adapter = max((data_dir / "adapters" / "task").glob("v*"), key=lambda p: int(p.name[1:]))
+    meta = json.loads((adapter / "meta.json").read_text())
+    return meta, wall, cpu, adapter
 
 
 def answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, Any]]]) -> list[str]:
@@ -108,12 +123,21 @@ def run_arm(args: argparse.Namespace) -> None:
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    first: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-rule-") as tmp:
-        meta, wall, cpu = train(args, Path(tmp))
+        meta, wall, cpu, adapter = train(args, Path(tmp))
+        if args.arm == "retrain":  # the log grew to --retrain-pairs; the next job starts from v1
+            first = {
+                "job_wall_s": round(wall, 1),
+                "steps": meta["steps_run"],
+                "train_count": meta["train_count"],
+            }
+            meta, wall, cpu, adapter = train(args, Path(tmp), args.retrain_pairs, init=adapter)
         started = time.monotonic()
-        rate = pass_rate(args, Path(tmp) / "data" / "adapters" / "task" / "v1")
+        rate = pass_rate(args, adapter)
         judge_s = time.monotonic() - started
     result = {
+        "first_job": first,
         "arm": args.arm,
         "job_wall_s": round(wall, 1),
         "job_cpu_s": round(cpu, 1),
@@ -125,6 +149,7 @@ def run_arm(args: argparse.Namespace) -> None:
         "stop_reason": meta["stop_reason"],
         "train_count": meta["train_count"],
         "validation_count": meta["validation_count"],
+        "origins": {key: meta.get(key) for key in ("real_count", "synthetic_count", "heldout_count")},
         "train_loss": meta["train_loss"],
         "heldout_loss": meta["eval_loss"],
         "validation_curve": [
@@ -138,9 +163,14 @@ def run_arm(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def launch(arm: str, args: argparse.Namespace) -> dict[str, Any]:
+def launch(arm: str, args: argparse.Namespace, data: Path | None = None) -> dict[str, Any]:
+    """Train and measure one arm in a fresh process; `data`: a JSONL of log records or chats
+    to train on instead of `args.pairs` of the task's pairs."""
     command = [sys.executable, __file__, "--arm", arm, "--model", args.model, "--pairs", str(args.pairs)]
     command += ["--heldout", str(args.heldout), "--threads", str(args.threads), "--cache", args.cache]
+    command += ["--retrain-pairs", str(args.retrain_pairs)]
+    if data is not None:
+        command += ["--data", str(data)]
     load_before = os.getloadavg()[0]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -171,15 +201,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default=str(REPO / ".understudy"), help="where the GGUF is converted once")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_rule.json")
-    parser.add_argument("--arm", choices=["old", "new"], help=argparse.SUPPRESS)
+    parser.add_argument("--arm", choices=["old", "new", "retrain"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--retrain-pairs",
+        type=int,
+        default=0,
+        help="also time a retrain from the new rule's adapter once the log holds this many pairs",
+    )
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
         run_arm(args)
         return
     warm_model_cache(args.model, Path(args.cache))
     old, new = launch("old", args), launch("new", args)
+    retrain = launch("retrain", args) if args.retrain_pairs else None
     result = {
-        "task": "gateway/demo/task.py (name/age/city extraction), CPU",
+        "task": TASK,
         "model": args.model,
         "pairs": args.pairs,
         "cpus": os.cpu_count(),
@@ -188,6 +226,10 @@ def main() -> None:
         "wall_ratio": round(new["job_wall_s"] / old["job_wall_s"], 3),
         "cpu_ratio": round(new["job_cpu_s"] / old["job_cpu_s"], 3),
         "pass_rate_delta": round(new["pass_rate"] - old["pass_rate"], 3),
+        "retrain": retrain,
+        "retrain_vs_first_wall_ratio": (
+            round(retrain["job_wall_s"] / retrain["first_job"]["job_wall_s"], 3) if retrain else None
+        ),
     }
     text = json.dumps(result, indent=1)
     print(text)

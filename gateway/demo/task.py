@@ -63,8 +63,39 @@ def examples(count: int, seed: int) -> list[Example]:
     return list(seen.values())
 
 
+# Asked to write new user messages like some examples (gateway.adaptive.synthetic's request),
+# the simulated cloud writes sentences in the templates the examples it was shown use, with
+# any name, age and city, as a capable model would. Seeded: a run is reproducible.
+_ASKED_TO_WRITE = re.compile(r"Write (\d+) new messages")
+_writer_rng = random.Random(7)
+
+
+def write_prompts(body: dict[str, Any]) -> str | None:
+    """A JSON array of new task sentences when `body` asks for new user messages like its
+    examples, else None."""
+    messages = body.get("messages") or []
+    asked = _ASKED_TO_WRITE.search(str(messages[0].get("content", ""))) if messages else None
+    if asked is None:
+        return None
+    shown = str(messages[-1].get("content", ""))
+    styles = [t for t, pattern in zip(TEMPLATES, _PATTERNS, strict=True) if pattern.search(shown)]
+    if not styles:
+        return "[]"
+    sentences = [
+        _writer_rng.choice(styles).format(
+            name=_writer_rng.choice(NAMES), age=_writer_rng.randint(18, 90), city=_writer_rng.choice(CITIES)
+        )
+        for _ in range(int(asked.group(1)))
+    ]
+    return orjson.dumps(sentences).decode()
+
+
 def cloud_answer(body: dict[str, Any]) -> str:
-    """What the simulated cloud answers: the exact extraction, or a polite fallback."""
+    """What the simulated cloud answers: the exact extraction, or a polite fallback (and new
+    task sentences when asked to write some)."""
+    written = write_prompts(body)
+    if written is not None:
+        return written
     messages = body.get("messages") or []
     text = str(messages[-1].get("content", "")) if messages else ""
     for pattern in _PATTERNS:
