@@ -12,8 +12,10 @@ Three sections, each measured in interleaved rounds (A, B, A, B, ...), medians o
    (skipping the per-turn hand-over), and `insert_records` alone (the floor any wake-up
    scheme shares).
 3. gateway: the same chat request direct to the fake upstream, through a bare uvicorn
-   pass-through (no logic: read, forward, answer) on each client, and through Understudy on
-   each client (`upstream.client`); added p50 is target minus direct within a round.
+   pass-through (no logic: read, forward, answer) on each client, the same on httptools plus
+   the gateway's durable write (a record committed by its log writer before the answer), and
+   through Understudy on each client (`upstream.client`); added p50 is target minus direct
+   within a round.
 """
 
 from __future__ import annotations
@@ -190,8 +192,11 @@ def section_writer(records: int, rounds: int) -> None:
 # --- 3. the gateway ---------------------------------------------------------------------------
 
 
-def start_passthrough(upstream_port: int, client: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_passthrough(
+    upstream_port: int, client: str, durable: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    durable_args = ["--durable", str(durable)] if durable is not None else []
     process = subprocess.Popen(
         [
             sys.executable,
@@ -202,6 +207,7 @@ def start_passthrough(upstream_port: int, client: str) -> tuple[subprocess.Popen
             str(upstream_port),
             "--client",
             client,
+            *durable_args,
         ],
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
@@ -218,6 +224,10 @@ def section_gateway(upstream_port: int, requests: int, rounds: int, tmp: Path) -
             process, url = start_passthrough(upstream_port, client)
             processes.append(process)
             targets[f"bare pass-through, {client}"] = url
+        (tmp / "durable").mkdir()
+        process, url = start_passthrough(upstream_port, "httptools", tmp / "durable")
+        processes.append(process)
+        targets["bare pass-through + durable write, httptools"] = url
         for client in ("aiohttp", "httptools"):
             extra = f"  client: {client}\n"
             process, url = start_gateway(tmp / client, upstream_port, REPO, upstream_extra=extra)
