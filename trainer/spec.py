@@ -67,7 +67,9 @@ class TrainSpec(BaseModel):
     validation_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="share of training pairs set aside for the loss that stops training"
     )
-    max_validation_samples: int = Field(32, ge=1, description="validation pairs at most")
+    # Each validation eval runs these pairs forward: 16 keep a retrain on a big log (the slice
+    # is 10% of the pool) from spending more on evals than the first job spends training.
+    max_validation_samples: int = Field(16, ge=1, description="validation pairs at most")
     eval_steps: int | None = Field(
         None, ge=1, description="validation loss every N steps (default: ~12 a job)"
     )

@@ -74,7 +74,9 @@ def test_one_pair_per_prompt_and_the_latest_answer_wins() -> None:
 
 def test_training_set_is_deduplicated_capped_and_keeps_validation_apart() -> None:
     pool = family_pool() + family_pool()[:50]  # 50 exact repeats
-    chosen = select_training_set(pool, TrainSpec(max_samples=20, validation_fraction=0.1))
+    chosen = select_training_set(
+        pool, TrainSpec(max_samples=20, validation_fraction=0.1, max_validation_samples=32)
+    )
     train_keys = [prompt_key(s) for s in chosen.train]
     assert len(train_keys) == len(set(train_keys)) == 20
     assert len(chosen.validation) == 30  # 10% of the distinct pairs, under the cap of 32
