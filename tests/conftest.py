@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -211,13 +212,34 @@ def _postgres_bin(name: str) -> str | None:
     return found or (candidates[-1] if candidates else None)
 
 
+@dataclass
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster that a test may stop and start again (a database outage)."""
+
+    url: str
+    pg_ctl: str
+    directory: Path
+    options: str
+    as_user: list[str]
+
+    def _ctl(self, *args: str) -> None:
+        quiet = subprocess.DEVNULL
+        command = [*self.as_user, self.pg_ctl, "-D", str(self.directory / "data"), *args]
+        subprocess.run(command, check=True, stdout=quiet, stderr=quiet)
+
+    def start(self) -> None:
+        self._ctl("-o", self.options, "-l", str(self.directory / "log"), "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._ctl("-m", mode, "-w", "stop")
+
+
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
+def postgres_cluster() -> Iterator[PostgresCluster]:
     """A throwaway cluster (initdb in a temp dir, trust auth on loopback, a free port); the
     server refuses to run as root, so as root it runs as the `postgres` user."""
     import pwd
     import shutil
-    import subprocess
     import tempfile
 
     initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
@@ -232,22 +254,21 @@ def postgres_server() -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    cluster = workdir / "data"
-    quiet = subprocess.DEVNULL
-    init = [*as_user, initdb, "-D", str(cluster), "-U", "postgres", "--auth=trust"]
-    subprocess.run(init, check=True, stdout=quiet, stderr=quiet)
+    init = [*as_user, initdb, "-D", str(workdir / "data"), "-U", "postgres", "--auth=trust"]
+    subprocess.run(init, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off"
-    subprocess.run(
-        [*as_user, pg_ctl, "-D", str(cluster), "-o", options, "-l", str(workdir / "log"), "-w", "start"],
-        check=True,
-        stdout=quiet,
-        stderr=quiet,
-    )
-    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    subprocess.run(
-        [*as_user, pg_ctl, "-D", str(cluster), "-m", "immediate", "stop"], stdout=quiet, stderr=quiet
-    )
+    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    cluster = PostgresCluster(url, pg_ctl, workdir, options, as_user)
+    cluster.start()
+    yield cluster
+    with contextlib.suppress(subprocess.CalledProcessError):  # a test may have left it stopped
+        cluster.stop("immediate")
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(postgres_cluster: PostgresCluster) -> str:
+    return postgres_cluster.url
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 volume and one external `understudy backend` (the tiny random Llama), with traffic through the
 openai SDK spread over both: their records land in one table, a SIGKILL of one under load loses
 no record of a completed answer while the other keeps serving, a route with traffic on both
-trains once, and after promotion both serve it locally within 2 s."""
+trains once, and after promotion both serve it locally within 2 s; a pin set on either applies
+to both, a restart of both keeps mode, adapter and spend, 10 s without the database lose no
+record, and failing spot checks on one replica demote the route for both."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,17 +29,11 @@ import pytest
 from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
 from gateway.store.base import RecordFilter
 from gateway.store.postgres import PostgresStore
+from tests.conftest import PostgresCluster
+from tests.gateway.adaptive.test_cycle import Grader
 
 ROUTE = "task"
 KEY = "sk-team-replicas"
-
-
-def _answer(body: dict[str, Any]) -> str:
-    """The task (upper-case the question) and, asked as the upstream judge, a passing grade."""
-    system = body["messages"][0]["content"] if body.get("messages") else ""
-    if "strict grader" in str(system):
-        return orjson.dumps({"similarity": 90, "precision": 90, "reason": "scripted"}).decode()
-    return f"ANSWER: {str(body['messages'][-1]['content']).upper()}"
 
 
 def _free_port() -> int:
@@ -68,6 +64,7 @@ class Replica:
     process: subprocess.Popen[bytes]
     url: str
     data_dir: Path
+    name: str
 
     def client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -75,12 +72,31 @@ class Replica:
     def route(self) -> dict[str, Any]:
         return dict(_get(f"{self.url}/admin/routes/{ROUTE}"))
 
+    def pin(self, mode: str) -> None:
+        request = urllib.request.Request(
+            f"{self.url}/admin/routes/{ROUTE}/mode",
+            data=orjson.dumps({"mode": mode}),
+            headers={"content-type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10):  # loopback: no admin key needed
+            pass
+
+    def metric(self, name: str) -> float:
+        """An unlabelled sample of this replica's /metrics."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        raise AssertionError(f"{name} not in /metrics")
+
 
 @dataclass
 class Cluster:
     database_url: str
     adapters_dir: Path
     backend_url: str
+    config: Path
     replicas: list[Replica] = field(default_factory=list)
 
     def store(self) -> PostgresStore:
@@ -97,6 +113,7 @@ def _config(tmp_path: Path, cloud: str, backend: str, database_url: str, redis_u
         "upstream": {"base_url": cloud, "api_key": "sk-upstream", "retry": {"attempts": 1}},
         "local": {"enabled": True, "base_url": backend},
         "auth": {"keys": [{"name": "team", "key": KEY, "limits": {"rpm": 100_000}}]},
+        "pricing": {"task-1": {"input": 1.0, "output": 2.0}},  # spend and savings are not 0
         "routes": [
             {
                 "name": ROUTE,
@@ -126,16 +143,21 @@ def _start_replica(tmp_path: Path, name: str, config: Path) -> Replica:
     data_dir = tmp_path / name
     env = {**os.environ, "UNDERSTUDY_DATA_DIR": str(data_dir)}
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)]
-    log = (tmp_path / f"{name}.log").open("wb")
+    log = (tmp_path / f"{name}.log").open("ab")  # a restarted replica appends
     process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    replica = Replica(process, f"http://127.0.0.1:{port}", data_dir)
+    replica = Replica(process, f"http://127.0.0.1:{port}", data_dir, name)
     _wait_until_up(replica.url + "/readyz", process, 60)
     return replica
 
 
 @pytest.fixture
-def task_cloud() -> Iterator[FakeCloudServer]:
-    server = FakeCloudServer(FakeCloud(answer=_answer)).start()
+def grader() -> Grader:
+    return Grader()
+
+
+@pytest.fixture
+def task_cloud(grader: Grader) -> Iterator[FakeCloudServer]:
+    server = FakeCloudServer(FakeCloud(answer=grader.answer)).start()
     yield server
     server.stop()
 
@@ -158,18 +180,18 @@ def cluster(
     backend_log = (tmp_path / "backend.log").open("wb")
     backend = subprocess.Popen(backend_argv, stdout=backend_log, stderr=subprocess.STDOUT)
     started: list[subprocess.Popen[bytes]] = [backend]
+    replicas: list[Replica] = []  # the test may restart them in place
     try:
         backend_url = f"http://127.0.0.1:{port}"
         _wait_until_up(backend_url + "/health", backend)
         config = _config(
             tmp_path, task_cloud.base_url, backend_url + "/v1", postgres_url, redis_url, tiny_model_dir
         )
-        found = Cluster(postgres_url, tmp_path / "adapters", backend_url)
         for name in ("replica-a", "replica-b"):
-            found.replicas.append(_start_replica(tmp_path, name, config))
-            started.append(found.replicas[-1].process)
-        yield found
+            replicas.append(_start_replica(tmp_path, name, config))
+        yield Cluster(postgres_url, tmp_path / "adapters", backend_url, config, replicas)
     finally:
+        started += [replica.process for replica in replicas]
         for process in reversed(started):
             if process.poll() is None:
                 process.terminate()
@@ -265,9 +287,137 @@ def _wait_until_local(replicas: list[Replica], timeout: float) -> tuple[float, f
     return seen[0], seen[1]
 
 
+def _until(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until `check()` held, polled every 20 ms."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, what
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def _shows(replica: Replica, key: str, value: Any) -> Callable[[], bool]:
+    return lambda: replica.route()[key] == value
+
+
+def _pins_apply_to_both(replicas: list[Replica]) -> None:
+    """A pin set through either replica's admin API is seen by the other by polling (1 s)."""
+    for setter, other, mode in ((replicas[1], replicas[0], "cloud"), (replicas[0], replicas[1], "auto")):
+        setter.pin(mode)
+        pinned = None if mode == "auto" else mode
+        assert _until(_shows(other, "pinned", pinned), 10, "pin never seen") < 2.0
+        answers = asyncio.run(_ask_all([(r, f"pinned {mode}?") for r in replicas], model="task-1"))
+        assert [backend for _, backend in answers] == ["local" if mode == "auto" else "cloud"] * 2
+
+
+def _restart(cluster: Cluster) -> None:
+    """Stop both replicas (SIGTERM: each drains its writer) and start them again."""
+    for replica in cluster.replicas:
+        replica.process.terminate()
+    for replica in cluster.replicas:
+        # uvicorn re-raises the signal once it has shut down (writer drained)
+        assert replica.process.wait(30) in (0, -signal.SIGTERM)
+    tmp_path = cluster.config.parent
+    cluster.replicas[:] = [_start_replica(tmp_path, r.name, cluster.config) for r in cluster.replicas]
+
+
+def _ledger(rows: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
+    return {
+        (r["route"], r["client"], r["backend"], r["kind"], round(r["usd"], 9), r["answers"]) for r in rows
+    }
+
+
+def _restart_keeps_mode_adapter_and_spend(cluster: Cluster) -> None:
+    before = [(r.route()["mode"], r.route()["active_adapter"]) for r in cluster.replicas]
+    assert before == [("local", 1), ("local", 1)]
+    _restart(cluster)
+    store = cluster.store()
+    try:
+        spent = store.cost_totals(by=("route", "client", "backend", "kind"))
+    finally:
+        store.close()
+    usd = {(row["route"], row["kind"]): row["usd"] for row in spent}
+    assert usd[(ROUTE, "spend")] > 0 and usd[(ROUTE, "savings")] > 0
+    for replica in cluster.replicas:
+        assert (replica.route()["mode"], replica.route()["active_adapter"]) == ("local", 1)
+        shown = _get(replica.url + "/admin/costs?by=route,client,backend,kind")["data"]
+        assert _ledger(shown) == _ledger(spent)
+    answers = asyncio.run(_ask_all([(r, "still local?") for r in cluster.replicas], model="task-1"))
+    assert [backend for _, backend in answers] == ["local", "local"]
+
+
+async def _traffic_for(
+    replicas: list[Replica], seconds: float, workers: int = 4
+) -> tuple[list[str], list[float]]:
+    """Requests spread over the replicas for `seconds`: the ids of the completed answers, and
+    how long each took."""
+    completed: list[str] = []
+    took: list[float] = []
+    deadline = time.monotonic() + seconds
+
+    async def worker(index: int) -> None:
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            started = time.monotonic()
+            request_id, _ = await _ask(replicas[(index + n) % 2], f"outage {index}.{n}")
+            took.append(time.monotonic() - started)
+            completed.append(request_id)
+
+    await asyncio.gather(*(worker(index) for index in range(workers)))
+    return completed, took
+
+
+def _logged(cluster: Cluster, request_ids: list[str]) -> set[str]:
+    store = cluster.store()
+    try:
+        rows = store.list_records(RecordFilter(kind="user", route="default"), limit=100_000)
+    finally:
+        store.close()
+    return {row["request_id"] for row in rows} & set(request_ids)
+
+
+def _database_down_for_10_s(cluster: Cluster, postgres: PostgresCluster) -> None:
+    """The database stops (pg_ctl stop -m fast) for 10 s: every request is answered, its record
+    waits in the writer's spill, and once the server is back every record lands; none is lost."""
+    replicas = cluster.replicas
+    postgres.stop("fast")
+    try:
+        completed, took = asyncio.run(_traffic_for(replicas, 10.0))
+        spilled = [replica.metric("understudy_log_queue_depth") for replica in replicas]
+    finally:
+        postgres.start()
+    assert len(completed) >= 20 and all(depth > 0 for depth in spilled), (len(completed), spilled)
+    # only the first write to find the server gone waits for a connection; later answers do not
+    assert sorted(took)[len(took) // 2] < 0.5, sorted(took)
+    assert not _logged(cluster, completed)  # nothing could have been written meanwhile
+    _until(lambda: len(_logged(cluster, completed)) == len(completed), 60, "spilled records never landed")
+    assert [replica.metric("understudy_log_write_errors_total") for replica in replicas] == [0.0, 0.0]
+    assert [replica.metric("understudy_log_queue_depth") for replica in replicas] == [0.0, 0.0]
+
+
+def _spot_checks_on_one_demote_for_both(replicas: list[Replica], grader: Grader) -> None:
+    grader.score = 10.0  # quality slips: spot checks (eval_rate 1.0) now fail
+    one, other = replicas
+    deadline = time.monotonic() + 120
+    n = 0
+    while one.route()["mode"] == "local":
+        assert time.monotonic() < deadline, one.route()["history"][-2:]
+        n += 1
+        asyncio.run(_ask(one, f"spot check me {n}", model="task-1"))
+        time.sleep(0.2)
+    demoted = time.monotonic()
+    _until(_shows(other, "mode", "cloud"), 10, "the other replica never saw the demotion")
+    assert time.monotonic() - demoted < 2.0
+    reason = other.route()["history"][-1]["reason"]
+    assert "spot check" in reason or "rolling score" in reason, reason
+    answers = asyncio.run(_ask_all([(r, "back to the cloud?") for r in replicas], model="task-1"))
+    assert [backend for _, backend in answers] == ["cloud", "cloud"]
+
+
 @pytest.mark.timeout(600)
-def test_a_route_used_on_both_trains_once_and_both_serve_it_locally_after_promotion(
-    cluster: Cluster,
+def test_a_route_used_on_both_trains_once_and_both_follow_its_state(
+    cluster: Cluster, grader: Grader, postgres_cluster: PostgresCluster
 ) -> None:
     replicas = cluster.replicas
 
@@ -287,3 +437,8 @@ def test_a_route_used_on_both_trains_once_and_both_serve_it_locally_after_promot
     loaded = [m["id"] for m in _get(cluster.backend_url + "/v1/models")["data"]]
     assert loaded.count(f"{ROUTE}-v1") == 1
     assert all(replica.route()["active_adapter"] == 1 for replica in replicas)
+
+    _pins_apply_to_both(replicas)
+    _restart_keeps_mode_adapter_and_spend(cluster)
+    _database_down_for_10_s(cluster, postgres_cluster)
+    _spot_checks_on_one_demote_for_both(cluster.replicas, grader)
