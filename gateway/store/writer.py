@@ -4,9 +4,11 @@
 record is durable before the client has its whole answer. Under load many records share one
 transaction (group commit), so the cost per record falls as traffic rises.
 
-When the store fails (disk full, read-only), requests keep being served: the records wait in
-a bounded spill and are retried with back-off; what overflows the spill is counted as lost in
-`log_write_errors_total`, never dropped silently.
+When the store fails (disk full, read-only, the database down), requests keep being served:
+the records wait in a bounded spill and are retried with back-off; what overflows the spill is
+counted as lost in `log_write_errors_total`, never dropped silently. Once a write has failed,
+records handed over are answered "not durable" at once instead of waiting for the next retry
+(a retry may wait seconds for a connection), until a write succeeds again.
 
 Cost ledger lines (`add_cost`) ride along: the thread writes them after each batch, and a
 timer wakes it within COST_DELAY_S when no record comes. They are not awaited by any request,
@@ -69,6 +71,7 @@ class LogWriter:
         self._warned_at = -60.0
         self._costs: deque[CostEntry] = deque()
         self._cost_timer = False
+        self._failing = False  # set by the thread, read on the event loop
 
     @property
     def depth(self) -> int:
@@ -107,6 +110,8 @@ class LogWriter:
         if self._pending:
             items, self._pending = self._pending, []
             self._queue.put(items)
+            if self._failing:  # the store is down: the records go to the spill, nobody waits
+                _resolve([future for _, future in items], False)
 
     async def close(self) -> None:
         """Drain everything queued, then stop the thread."""
@@ -176,8 +181,10 @@ class LogWriter:
             self._spill.clear()
             self._add_to_spill(records)
             self._retry_at = time.monotonic() + 1.0
+            self._failing = True
             return False
         self._spill.clear()
+        self._failing = False
         self._on_written(len(records))
         return True
 
