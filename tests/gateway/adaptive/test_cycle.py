@@ -68,7 +68,9 @@ def cycle_gateway(
     running: list[RunningGateway] = []
     port = _free_port()
 
-    def start(local_limits: dict[str, Any] | None = None, **policy: Any) -> RunningGateway:
+    def start(
+        local_limits: dict[str, Any] | None = None, database_url: str | None = None, **policy: Any
+    ) -> RunningGateway:
         config = tmp_path / "gateway.yaml"
         config.write_text("{}\n")
         base_policy = {
@@ -86,6 +88,7 @@ def cycle_gateway(
             config,
             environ={},
             data_dir=tmp_path / "data",
+            database_url=database_url,
             upstream={"base_url": task_cloud.base_url, "retry": {"attempts": 1}},
             local={
                 "enabled": True,
@@ -303,3 +306,19 @@ def test_pin_failover_and_restart_resume(
     after = _state(restarted)
     for key in ("mode", "pinned", "active_adapter", "history", "rolling_score"):
         assert after[key] == before[key], key
+
+
+@pytest.mark.timeout(600)
+def test_a_custom_sqlite_path_trains(
+    cycle_gateway: Callable[..., RunningGateway], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`database_url: sqlite:///some/other/path.db`, relative as users write it: the gateway logs
+    there and the route's training job reads its pairs from there, not from the data dir."""
+    monkeypatch.chdir(tmp_path)  # the gateway, its backend and its jobs run from here
+    gateway = cycle_gateway(database_url="sqlite:///some/other/path.db")
+    state = _train_to_eval(gateway)
+    assert (tmp_path / "some" / "other" / "path.db").is_file()
+    assert not (tmp_path / "data" / "understudy.db").exists() and not (tmp_path / "sqlite:").exists()
+    meta = orjson.loads((gateway.settings.adapters_root / "task" / "v1" / "meta.json").read_bytes())
+    assert meta["sample_count"] == 8  # the eight answers logged above, train and held-out together
+    assert state["history"][0]["to"] == "training"
