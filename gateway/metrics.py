@@ -170,6 +170,14 @@ class Metrics:
             multiprocess_mode="livemin",
         )
         self.local_selftest_ok.set(float("nan"))
+        self.route_pending_pairs = Gauge(
+            f"{PREFIX}route_pending_pairs",
+            "Usable pairs (real, imported, synthetic) a route has collected towards its next "
+            "training job; the job starts at policy.min_samples",
+            ["route"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.route_blocked = Gauge(
             f"{PREFIX}route_blocked",
             "1 while a route cannot make progress in its cycle (reason: selftest, training_failed, rejected)",

@@ -71,6 +71,8 @@ class RouteRuntime:
     shared_job: dict[str, Any] | None = None
     # The stored state's version this replica last read or wrote (compare-and-set on it).
     version: int = 0
+    # Usable pairs towards the next job, as last counted (None: not counted yet).
+    pending_pairs: int | None = None
 
     @property
     def name(self) -> str:
@@ -283,6 +285,8 @@ class AdaptiveController:
                 synthetic_pairs, self.store, runtime.name, state.trained_through_id
             )
             newest = max(newest, newest_made)
+            runtime.pending_pairs = count + made
+            self.metrics.route_pending_pairs.labels(runtime.name).set(count + made)
             if self.blocked is not None and not force:
                 return None
             if not force and not policy.ready_to_train(
@@ -560,7 +564,13 @@ class AdaptiveController:
         runtime = self.runtime(route)
         state = runtime.state
         job = (self.jobs.status(state.job_id) or runtime.shared_job) if state.job_id else None
-        return {**policy.view(state, runtime.settings.policy), "job": job, "blocked": self.blocked}
+        return {
+            **policy.view(state, runtime.settings.policy),
+            "job": job,
+            "blocked": self.blocked,
+            "pending_pairs": runtime.pending_pairs,
+            "min_samples": runtime.settings.policy.min_samples,
+        }
 
     def problems(self) -> list[str]:
         """Everything that keeps a route from learning, in words (for /readyz)."""

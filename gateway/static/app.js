@@ -246,6 +246,11 @@
     if (route.candidate_adapter !== null) chips.push(h("span", { class: "badge mode-eval" }, `candidate v${route.candidate_adapter}`));
     if (chips.length) body.push(h("div", { class: "chips" }, chips));
     if (route.blocked) body.push(h("div", { class: "reason", dataset: { role: "blocked-reason" } }, route.blocked));
+    // A route collecting pairs says how far it is from its next job, so a thin route shows.
+    if (route.adapt && route.mode === "cloud" && route.pending_pairs !== null && route.min_samples) {
+      body.push(h("div", { class: "muted", dataset: { role: "pending-pairs" } },
+        `next training at ${route.min_samples} new pairs: ${Math.min(route.pending_pairs, route.min_samples)} collected`));
+    }
     if (route.eval_deadline) body.push(h("div", { class: "muted" }, `eval decides by ${new Date(route.eval_deadline * 1000).toLocaleTimeString([], { hour12: false })}`));
     return panel("Training", route.job ? route.job.status : null, body);
   }

@@ -161,6 +161,8 @@ def route_view(
             candidate_adapter=state.get("candidate_adapter"),
             blocked=state.get("blocked") or state.get("held_back"),
             eval_deadline=state.get("eval_deadline"),
+            pending_pairs=state.get("pending_pairs"),
+            min_samples=state.get("min_samples"),
             job=state.get("job"),
             history=state.get("history", []),
             latest_adapter=_latest_adapter(controller, route.name),

@@ -163,6 +163,10 @@ class RouteSummary(_Response):
     job: JobStatus | None = None
     blocked: str | None = Field(None, description="why no adapter can be trained or served now")
     failed_trainings: int = Field(0, description="training failures since the last success")
+    pending_pairs: int | None = Field(
+        None, description="usable pairs collected towards the next job (it starts at min_samples)"
+    )
+    min_samples: int | None = None
     rejections_in_a_row: int = Field(0, description="candidates eval turned down since the last promotion")
     next_training_at: float | None = Field(
         None, description="earliest start of the next job (mode cloud; it also needs min_samples new pairs)"
@@ -339,6 +343,8 @@ class DashboardRoute(_Response):
     candidate_adapter: int | None = None
     blocked: str | None = Field(None, description="why the route cannot learn now, if it cannot")
     eval_deadline: float | None = Field(None, description="when an undecided eval returns to the cloud")
+    pending_pairs: int | None = Field(None, description="usable pairs collected towards the next job")
+    min_samples: int | None = None
     job: JobStatus | None = None
     latest_adapter: dict[str, Any] | None = None
     history: list[HistoryEntry]

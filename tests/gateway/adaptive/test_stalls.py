@@ -83,6 +83,9 @@ def test_a_backend_that_cannot_generate_with_an_adapter_holds_training_visibly(
         assert controller is not None
         assert controller.describe("task")["job_id"] is None and controller.describe("task")["blocked"]
         assert _metric_line(gateway, "understudy_local_selftest_ok").endswith(" 0.0")
+        # the 5 pairs it could train on, on the route and in a metric
+        assert controller.describe("task")["pending_pairs"] == 5
+        assert _metric_line(gateway, 'understudy_route_pending_pairs{route="task"}').endswith(" 5.0")
         assert _metric_line(gateway, 'understudy_route_blocked{reason="selftest",route="task"}').endswith(
             " 1.0"
         )

@@ -250,7 +250,12 @@ def test_the_page_follows_a_route_from_cloud_to_local(
     card.locator('[data-role="mode"][data-mode="cloud"]').wait_for(timeout=15_000)
     assert "No transitions yet" in card.inner_text()
 
-    for _ in range(8):  # enough new pairs: training starts
+    for _ in range(3):  # a route collecting pairs says how far it is from its next job
+        ask()
+    pending = card.locator('[data-role="pending-pairs"]')
+    _until(lambda: "3 collected" in (pending.inner_text() if pending.count() else ""), lambda: None, 30)
+    assert "next training at 6 new pairs" in pending.inner_text()
+    for _ in range(5):  # enough new pairs: training starts
         ask()
     mode = card.locator('[data-role="mode"]')
     _until(lambda: mode.get_attribute("data-mode") in ("training", "eval", "local"), lambda: None, 60)
