@@ -23,6 +23,21 @@ from gateway.store.writer import LogWriter
 from gateway.upstream.http1 import Http1Client
 
 
+def bench_client(base_url: str) -> Http1Client:
+    """The httptools client as the gateway sets it up by default (started: call in a loop)."""
+    client = Http1Client(
+        "bench",
+        base_url,
+        max_connections=512,
+        connect_timeout=10,
+        read_timeout=300,
+        total_timeout=600,
+        max_response_bytes=1 << 28,
+    )
+    client.start()
+    return client
+
+
 def build_app(upstream: str, client: str, durable: Path | None = None) -> Any:
     session: aiohttp.ClientSession | None = None
     pool: Http1Client | None = None
@@ -42,16 +57,7 @@ def build_app(upstream: str, client: str, durable: Path | None = None) -> Any:
                     if client == "aiohttp":
                         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
                     else:
-                        pool = Http1Client(
-                            "bench",
-                            upstream,
-                            max_connections=512,
-                            connect_timeout=10,
-                            read_timeout=300,
-                            total_timeout=600,
-                            max_response_bytes=1 << 28,
-                        )
-                        pool.start()
+                        pool = bench_client(upstream)
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})

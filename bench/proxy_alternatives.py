@@ -39,11 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from proxy_overhead import BODY, REPO, free_port, run_load, start_gateway, wait_port
 
 sys.path.insert(0, str(REPO))
+from passthrough import bench_client
+
 from gateway.domain.exchange import Exchange
 from gateway.store.base import LogRecord
 from gateway.store.sqlite import SQLiteStore
 from gateway.store.writer import LogWriter
-from gateway.upstream.http1 import Http1Client
 
 HEADERS = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
 PASSTHROUGH = Path(__file__).resolve().parent / "passthrough.py"
@@ -68,16 +69,7 @@ async def client_round(kind: str, base: str, calls: int, concurrency: int) -> di
 
         close: Callable[[], Awaitable[None]] = session.close
     else:
-        client = Http1Client(
-            "bench",
-            base + "/v1",
-            max_connections=512,
-            connect_timeout=10,
-            read_timeout=300,
-            total_timeout=600,
-            max_response_bytes=1 << 28,
-        )
-        client.start()
+        client = bench_client(base + "/v1")
 
         async def send() -> bytes:
             head = client.encode_head("POST", "/chat/completions", "", HEADERS, BODY)
