@@ -56,9 +56,10 @@ def installed_version() -> str | None:
     return probe.stdout.strip() or None if probe.returncode == 0 else None
 
 
-def config_text(upstream_base_url: str, master_key: str) -> str:
+def config_text(upstream_base_url: str, master_key: str, database_url: str | None = None) -> str:
     # 1.106 refuses to start without a master key; with one and no database, it checks the key
     # in memory, as a production proxy without a database does.
+    database = f"  database_url: {database_url}\n" if database_url else ""
     return (
         "model_list:\n"
         "  - model_name: gpt-4o-mini\n"
@@ -67,23 +68,34 @@ def config_text(upstream_base_url: str, master_key: str) -> str:
         f"      api_base: {upstream_base_url}\n"
         "      api_key: sk-fake-upstream\n"
         "general_settings:\n"
-        f"  master_key: {master_key}\n"
+        f"  master_key: {master_key}\n" + database
     )
 
 
-def start(services: Services, workdir: Path, upstream_base_url: str, port: int, master_key: str) -> Service:
+def start(
+    services: Services,
+    workdir: Path,
+    upstream_base_url: str,
+    port: int,
+    master_key: str,
+    database_url: str | None = None,
+    timeout: float = 180,
+) -> Service:
+    """The proxy, ready; with `database_url`, on that PostgreSQL (it then needs prisma)."""
     config = workdir / "litellm.yaml"
-    config.write_text(config_text(upstream_base_url, master_key))
+    config.write_text(config_text(upstream_base_url, master_key, database_url))
     env = {key: value for key, value in os.environ.items() if not key.startswith("UNDERSTUDY_")}
     env.update(ENV)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    # No proxy database, whatever the caller's environment says.
+    # No proxy database but the one asked for, whatever the caller's environment says.
     for key in ("VIRTUAL_ENV", "DATABASE_URL", "REDIS_HOST", "REDIS_URL"):
         env.pop(key, None)
+    if database_url:
+        env["DATABASE_URL"] = database_url
     command = [str(BIN / "litellm"), "--config", str(config), "--port", str(port), "--num_workers", "1"]
     command += ["--host", "127.0.0.1"]
     service = services.start("litellm", command, workdir / "litellm.log", env=env, cwd=workdir)
-    service.wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=180)
+    service.wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=timeout)
     return service
 
 

@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/loadgen.py --url http://127.0.0.1:8000 --requests 2000 --concurrency 32 [--stream]
 
+Given several --url (replicas), requests go to them in turn (round robin), one pool for all.
+
 Runs in its own process (aiohttp on uvloop, one pooled keep-alive connection per worker) and
 prints one JSON line: latency p50/p99, requests/s, and for streams the time to the first
 content token. A short warm-up (not counted) opens the connections first. Non-200 answers
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 
@@ -57,7 +60,7 @@ class Cell:
 
 async def one(
     session: aiohttp.ClientSession,
-    url: str,
+    urls: itertools.cycle[str],
     payload: bytes,
     headers: dict[str, str],
     stream: bool,
@@ -65,7 +68,7 @@ async def one(
 ) -> None:
     started = time.perf_counter()
     try:
-        async with session.post(url, data=payload, headers=headers) as response:
+        async with session.post(next(urls), data=payload, headers=headers) as response:
             if response.status != 200:
                 await response.read()
                 cell.error(str(response.status))
@@ -95,7 +98,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    url = args.url.rstrip("/") + "/v1/chat/completions"
+    urls = itertools.cycle([url.rstrip("/") + "/v1/chat/completions" for url in args.url])
     payload = body(args.model, args.stream)
     headers = {"content-type": "application/json", "authorization": f"Bearer {args.api_key}"}
     connector = aiohttp.TCPConnector(limit=args.concurrency, force_close=False)
@@ -107,7 +110,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
             async def worker() -> None:
                 for _ in counter:
-                    await one(session, url, payload, headers, args.stream, cell)
+                    await one(session, urls, payload, headers, args.stream, cell)
 
             started = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(min(args.concurrency, total))))
@@ -135,7 +138,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True, help="the target's base URL (without /v1)")
+    parser.add_argument(
+        "--url", required=True, nargs="+", help="the target's base URL (without /v1); several: in turn"
+    )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--stream", action="store_true")

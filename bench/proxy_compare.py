@@ -82,8 +82,10 @@ def start_understudy(services: Services, workdir: Path, upstream: str) -> tuple[
     return service, f"http://127.0.0.1:{port}"
 
 
-def run_loadgen(url: str, requests: int, concurrency: int, stream: bool) -> dict[str, Any]:
-    command = [sys.executable, str(LOADGEN), "--url", url, "--requests", str(requests)]
+def run_loadgen(url: str | list[str], requests: int, concurrency: int, stream: bool) -> dict[str, Any]:
+    """One loadgen run; several URLs (replicas) take the requests in turn."""
+    urls = [url] if isinstance(url, str) else url
+    command = [sys.executable, str(LOADGEN), "--url", *urls, "--requests", str(requests)]
     command += ["--concurrency", str(concurrency), "--api-key", API_KEY]
     if stream:
         command.append("--stream")
