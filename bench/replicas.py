@@ -12,8 +12,9 @@ pair it sends the requests to the two replicas in turn. Cells are interleaved (d
 pair, direct, ...) and every figure is the median over rounds; added latency is taken against
 direct within the same round first. Then:
 - records/s each store sustains through the log writer (group commit, 256 records finishing
-  together), as bench/store_throughput.py measures it, on this run's SQLite file system and
-  this run's PostgreSQL;
+  together), and with one commit per record, as bench/store_throughput.py measures them, on
+  this run's SQLite file system and this run's PostgreSQL (there also with synchronous_commit
+  off, to show what the WAL flush costs);
 - how long a pin set through one replica's admin API takes to show on the other (it polls the
   route versions every second), alternating which replica sets it;
 - LiteLLM's proxy on the same PostgreSQL, where it can start here offline (else its error).
@@ -197,6 +198,20 @@ def store_throughput(urls: dict[str, str], records: int) -> dict[str, dict[str, 
     }
 
 
+def without_wal_wait(url: str) -> float:
+    """One commit each with synchronous_commit off: what a commit costs besides waiting for
+    its WAL flush (not a setting to run with: a server crash could lose acknowledged records)."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("ALTER SYSTEM SET synchronous_commit = off")
+        admin.execute("SELECT pg_reload_conf()")
+    try:
+        return one_per_commit(url, 2_000)
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("ALTER SYSTEM RESET synchronous_commit")
+            admin.execute("SELECT pg_reload_conf()")
+
+
 def _admin(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
     data = orjson.dumps(body) if body is not None else None
     request = urllib.request.Request(url + path, data=data, headers={"content-type": "application/json"})
@@ -269,10 +284,11 @@ def report(result: dict[str, Any]) -> str:
                 f"{s['rps']:7.0f} {s['cpu_ms_per_request']:7.2f}"
             )
     for name, rates in result["store_records_per_s"].items():
-        lines.append(
-            f"store {name}: {rates['group_commit']:,.0f} records/s through the log writer, "
-            f"{rates['one_commit_each']:,.0f} with one commit each"
-        )
+        line = f"store {name}: {rates['group_commit']:,.0f} records/s through the log writer, "
+        line += f"{rates['one_commit_each']:,.0f} with one commit each"
+        if "one_commit_each_no_wal_wait" in rates:
+            line += f" ({rates['one_commit_each_no_wal_wait']:,.0f} without waiting for the WAL flush)"
+        lines.append(line)
     pins = result["pin_propagation"]
     lines.append(
         f"pin seen by the other replica: mean {pins['mean_s']:.3f} s, median {pins['median_s']:.3f} s,"
@@ -331,6 +347,9 @@ def main() -> None:
                 "postgres": pg_url.rsplit("/", 1)[0] + "/throughput",
             }
             result["store_records_per_s"] = store_throughput(throughput_urls, args.store_records)
+            result["store_records_per_s"]["postgres"]["one_commit_each_no_wal_wait"] = without_wal_wait(
+                throughput_urls["postgres"]
+            )
     result["settings"] = {
         **{key: value for key, value in vars(args).items() if key != "out"},
         "load_average_after": os.getloadavg(),
