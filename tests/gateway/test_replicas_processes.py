@@ -390,7 +390,6 @@ def _database_down_for_10_s(cluster: Cluster, postgres: PostgresCluster) -> None
     assert len(completed) >= 20 and all(depth > 0 for depth in spilled), (len(completed), spilled)
     # only the first write to find the server gone waits for a connection; later answers do not
     assert sorted(took)[len(took) // 2] < 0.5, sorted(took)
-    assert not _logged(cluster, completed)  # nothing could have been written meanwhile
     _until(lambda: len(_logged(cluster, completed)) == len(completed), 60, "spilled records never landed")
     assert [replica.metric("understudy_log_write_errors_total") for replica in replicas] == [0.0, 0.0]
     assert [replica.metric("understudy_log_queue_depth") for replica in replicas] == [0.0, 0.0]
