@@ -38,6 +38,13 @@ sys.path.insert(0, str(REPO))
 
 from local_backend.loading import DEFAULT_MODEL, load_model  # noqa: E402
 
+# The modes --precision compares: server options of each.
+PRECISIONS: dict[str, tuple[str, ...]] = {
+    "fp32": ("--dtype", "float32"),
+    "bf16": ("--dtype", "bfloat16"),
+    "int8": ("--dtype", "bfloat16", "--quantize", "int8"),
+}
+
 QUESTIONS = [
     "Tell me about the history of Paris.",
     "Explain how a bicycle works.",
@@ -65,6 +72,22 @@ def parse_args() -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch threads, both sides (default: torch's)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--precision",
+        action="store_true",
+        help="instead: fp32, bf16 and int8 servers side by side, on --model and a TinyLlama-shaped model",
+    )
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="with --precision: which modes")
+    parser.add_argument(
+        "--big-tokens",
+        type=int,
+        default=16,
+        help="with --precision: tokens/request on the TinyLlama-shaped model",
+    )
+    parser.add_argument(
+        "--big-rounds", type=int, default=1, help="with --precision: rounds on the TinyLlama-shaped model"
+    )
+    parser.add_argument("--skip-big", action="store_true", help="with --precision: only --model")
     return parser.parse_args()
 
 
@@ -74,10 +97,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(args: argparse.Namespace, port: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "local_backend", "--model", args.model, "--port", str(port)]
+def start_server(
+    args: argparse.Namespace, port: int, log: Path, model: str | None = None, extra: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "local_backend", "--model", model or args.model, "--port", str(port)]
     command += ["--data-dir", str(args.data_dir), "--log-level", "warning"]
-    command += ["--max-batch-size", str(args.concurrency)]
+    command += ["--max-batch-size", str(args.concurrency), *extra]
     if args.threads:
         command += ["--threads", str(args.threads)]
     process = subprocess.Popen(command, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -140,11 +165,14 @@ async def server_tokens_per_s(
 
 def main() -> int:
     args = parse_args()
+    if args.precision:
+        return run_precision(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, _ = load_model(args.model, args.data_dir, device="cpu")
     port = free_port()
-    server = start_server(args, port, args.data_dir / "bench-backend.log")
+    # Like with like: `model.generate` above runs the fp32 model (the server would pick by `auto`).
+    server = start_server(args, port, args.data_dir / "bench-backend.log", extra=PRECISIONS["fp32"])
     client = openai.AsyncOpenAI(
         base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600
     )
@@ -209,6 +237,139 @@ def report(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2))
+
+
+# TinyLlama-1.1B's sizes; the vocabulary is the bundled tokenizer's (49152, not 32000), so
+# this model holds 3% more weights than TinyLlama: a conservative speed figure.
+TINYLLAMA_SHAPE: dict[str, Any] = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+
+
+def build_tinyllama_shaped(args: argparse.Namespace) -> Path:
+    """A randomly initialised Llama with TinyLlama-1.1B's sizes and the bundled model's
+    tokenizer, saved once (bf16 safetensors) under the data dir; built offline."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = args.data_dir / "models" / "tinyllama-1.1b-shaped-random"
+    if (target / "config.json").is_file():
+        return target
+    _, tokenizer, _ = load_model(args.model, args.data_dir, device="cpu")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINYLLAMA_SHAPE,
+    )
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # half the memory and time to initialise
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+async def precision_rounds(
+    args: argparse.Namespace, clients: dict[str, openai.AsyncOpenAI], served: str, tokens: int, rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """Per mode, single-stream and concurrent tok/s; modes alternate within each round."""
+    figures: dict[str, dict[str, list[float]]] = {
+        m: {"single_tps": [], "concurrent_tps": []} for m in clients
+    }
+    for client in clients.values():  # first-call allocations
+        await server_tokens_per_s(client, served, QUESTIONS[:1], 4)
+    for i in range(rounds):
+        many = [QUESTIONS[(i + k) % len(QUESTIONS)] for k in range(args.concurrency)]
+        for mode, client in clients.items():
+            figures[mode]["single_tps"].append(await server_tokens_per_s(client, served, many[:1], tokens))
+            figures[mode]["concurrent_tps"].append(await server_tokens_per_s(client, served, many, tokens))
+    return figures
+
+
+def measure_precisions(args: argparse.Namespace, model: str, tokens: int, rounds: int) -> dict[str, Any]:
+    """Start one server per mode on `model` (all at once, so rounds can alternate), measure."""
+    modes = [m for m in args.precisions.split(",") if m]
+    servers: list[subprocess.Popen[bytes]] = []
+    clients: dict[str, openai.AsyncOpenAI] = {}
+    try:
+        for mode in modes:
+            port = free_port()
+            log = args.data_dir / f"bench-backend-{mode}.log"
+            servers.append(start_server(args, port, log, model, PRECISIONS[mode]))
+            clients[mode] = openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=3600
+            )
+        started = time.monotonic()
+        figures = asyncio.run(precision_rounds(args, clients, model, tokens, rounds))
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=60)
+    return {
+        "model": model,
+        "tokens_per_request": tokens,
+        "rounds": rounds,
+        "seconds": round(time.monotonic() - started, 1),
+        "load_average": os.getloadavg(),
+        "modes": {mode: {**PRECISION_NOTES[mode], **values} for mode, values in figures.items()},
+    }
+
+
+PRECISION_NOTES: dict[str, dict[str, str]] = {
+    "fp32": {"weights": "float32", "activations": "float32"},
+    "bf16": {"weights": "bfloat16", "activations": "bfloat16"},
+    "int8": {"weights": "int8 (torchao, per channel; head in bf16)", "activations": "bfloat16"},
+}
+
+
+def run_precision(args: argparse.Namespace) -> int:
+    runs = [measure_precisions(args, args.model, args.tokens, args.rounds)]
+    if not args.skip_big:
+        big = build_tinyllama_shaped(args)
+        runs.append(measure_precisions(args, str(big), args.big_tokens, args.big_rounds))
+    for run in runs:
+        report_precision(args, run)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"threads": args.threads, "runs": runs}, indent=2))
+    return 0
+
+
+def report_precision(args: argparse.Namespace, run: dict[str, Any]) -> None:
+    modes = run["modes"]
+    base = modes.get("fp32")
+    print(f"\n{Path(run['model']).name}: {run['tokens_per_request']} tokens/request, median of "
+          f"{run['rounds']} round(s), {args.concurrency} concurrent, load avg {run['load_average'][0]:.2f}")  # fmt: skip
+    print(
+        f"{'mode':6} {'1 stream tok/s':>15} {'vs fp32':>8} {f'{args.concurrency} concurrent tok/s':>22} {'vs fp32':>8}"
+    )
+    for mode, values in modes.items():
+        single, many = statistics.median(values["single_tps"]), statistics.median(values["concurrent_tps"])
+        ratios = ["", ""]
+        if base is not None:
+            # Within-round ratios: a neighbour's load hits both sides of each alike.
+            ratios = [
+                f"{statistics.median(a / b for a, b in zip(values[k], base[k], strict=True)):.2f}x"
+                for k in ("single_tps", "concurrent_tps")
+            ]
+        values.update(
+            single_median=single,
+            concurrent_median=many,
+            single_vs_fp32=ratios[0],
+            concurrent_vs_fp32=ratios[1],
+        )
+        print(f"{mode:6} {single:15.2f} {ratios[0]:>8} {many:22.2f} {ratios[1]:>8}")
 
 
 if __name__ == "__main__":
