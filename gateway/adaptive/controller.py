@@ -425,10 +425,13 @@ class AdaptiveController:
 
     # --- evaluation ----------------------------------------------------------------------
 
-    async def _heldout_eval(self, runtime: RouteRuntime, version: int) -> None:
+    async def _heldout_eval(self, runtime: RouteRuntime, version: int, whole: bool = False) -> None:
         """Judge `version` on the route's held-out split, replaying each sample's tools and
-        response format. No client request pays for these calls: without an upstream key of
-        its own the gateway skips them (and counts them)."""
+        response format, until eval has decided on it (the split grows with the route's log:
+        replaying all of it after the decision would cost generations and judge calls for
+        nothing); `whole`: all of it (an operator's eval of the serving adapter). No client
+        request pays for these calls: without an upstream key of its own the gateway skips
+        them (and counts them)."""
         samples = await asyncio.to_thread(read_heldout, self.adapters.get(runtime.name, version).heldout_path)
         if runtime.judge.name == "upstream" and not self.pays_for_own_calls(runtime.name):
             for _ in samples:
@@ -438,7 +441,10 @@ class AdaptiveController:
             if "model" not in request and runtime.last_model:
                 request["model"] = runtime.last_model
             state = runtime.state
-            if version not in (state.candidate_version, state.active_version):
+            wanted = (
+                (state.candidate_version,) if not whole else (state.candidate_version, state.active_version)
+            )
+            if version not in wanted:
                 return
             await self._evaluate(runtime, "heldout", version, request, cloud, None, None)
 
@@ -546,7 +552,7 @@ class AdaptiveController:
         version = runtime.state.candidate_version or runtime.state.active_version
         if version is None:
             raise Conflict(f"route {route!r} has no adapter to evaluate")
-        self._spawn(self._heldout_eval(runtime, version))
+        self._spawn(self._heldout_eval(runtime, version, whole=version != runtime.state.candidate_version))
         return version
 
     async def set_adapter(self, route: str, version: int) -> None:

@@ -42,19 +42,21 @@ def cloud() -> Iterator[FakeCloudServer]:
     server.stop()
 
 
-def _seed(data_dir: Path, tiny_model_dir: Path) -> None:
+def _seed(
+    data_dir: Path, tiny_model_dir: Path, heldout_pairs: int = 3, state: dict[str, Any] | None = None
+) -> None:
     folder = data_dir / "adapters" / ROUTE / "v1"
     make_lora(tiny_model_dir, folder, seed=3)
     meta = {"base_model": str(tiny_model_dir), "sample_count": 40, "trained_with_tools": False}
     (folder / "meta.json").write_text(orjson.dumps(meta).decode())
     heldout = [
         {"messages": [{"role": "user", "content": f"held out {i}"}, {"role": "assistant", "content": "x"}]}
-        for i in range(3)
+        for i in range(heldout_pairs)
     ]
     (folder / "heldout.jsonl").write_text("".join(orjson.dumps(line).decode() + "\n" for line in heldout))
     store = SQLiteStore(data_dir / "understudy.db")
     store.open()
-    store.save_route_state(ROUTE, {"route": ROUTE, "mode": "local", "active_version": 1})
+    store.save_route_state(ROUTE, state or {"route": ROUTE, "mode": "local", "active_version": 1})
     store.close()
 
 
@@ -64,9 +66,9 @@ def served_route(
 ) -> Iterator[Callable[..., RunningGateway]]:
     running: list[RunningGateway] = []
 
-    def start(**policy: Any) -> RunningGateway:
+    def start(seed: dict[str, Any] | None = None, **policy: Any) -> RunningGateway:
         data_dir = tmp_path / "data"
-        _seed(data_dir, tiny_model_dir)
+        _seed(data_dir, tiny_model_dir, **(seed or {}))
         config = tmp_path / "gateway.yaml"
         config.write_text("{}\n")
         settings = load_settings(
@@ -222,3 +224,29 @@ def test_a_manual_eval_judges_the_serving_adapter_on_its_held_out_split(
     assert {row["adapter_version"] for row in rows} == {1}
     assert all(row["passed"] is not None for row in rows)
     assert gateway.app.services.controller.describe(ROUTE)["mode"] == "local"  # type: ignore[union-attr]
+
+
+def test_the_held_out_eval_stops_once_eval_has_decided(
+    served_route: Callable[..., RunningGateway],
+) -> None:
+    # A candidate with a big held-out split (a fifth of a long log): three verdicts decide
+    # (a bar of 0 promotes on promote_after alone), and the other 37 samples are neither
+    # generated nor judged once the adapter serves.
+    candidate = {"route": ROUTE, "mode": "eval", "candidate_version": 1, "eval_started_at": time.time()}
+    gateway = served_route(
+        seed={"heldout_pairs": 40, "state": candidate}, judge="exact", promote_after=3, min_pass_rate=0.0
+    )
+    request = urllib.request.Request(gateway.url + "/admin/routes/task/eval", method="POST", data=b"{}")
+    request.add_header("content-type", "application/json")
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 202
+    controller = gateway.app.services.controller
+    assert controller is not None
+    deadline = time.monotonic() + 60
+    while controller.describe(ROUTE)["mode"] == "eval":
+        assert time.monotonic() < deadline, "eval never decided"
+        time.sleep(0.2)
+    assert controller.describe(ROUTE)["mode"] == "local"
+    time.sleep(3)  # a held-out loop that went on would have judged more by now
+    judged = [e for e in gateway.app.services.store.list_evals(ROUTE, 100) if e["phase"] == "heldout"]
+    assert len(judged) == 3
