@@ -242,16 +242,26 @@ def local_gateway(gateway_factory: GatewayFactory, data_dir: Path, tiny_model_di
 def kill_backend_while_it_answers(gateway: RunningGateway, text: str, stream: bool) -> Reply:
     """Send a long local request; SIGKILL the backend once it is generating; the reply."""
 
+    # A stream counts as begun once its first token left the backend: the backend starts an
+    # idle job at once, so "a sequence is running" can come before any byte was sent.
+    started = "understudy_backend_time_to_first_token_seconds_count" if stream else None
+
     async def scenario() -> Reply:
+        pid = await asyncio.to_thread(backend_pid, gateway)
+        first_tokens = await asyncio.to_thread(backend_metric, gateway, started) if started else 0.0
         async with aiohttp.ClientSession() as session:
             request = asyncio.create_task(
                 send(session, gateway.url, text, stream, model="task-1", max_tokens=400, ignore_eos=True)
             )
-            pid = await asyncio.to_thread(backend_pid, gateway)
             running = "understudy_backend_running_sequences"
             while not await asyncio.to_thread(backend_metric, gateway, running):
                 assert not request.done(), "the request ended before the backend was killed"
                 await asyncio.sleep(0.01)
+            while started and await asyncio.to_thread(backend_metric, gateway, started) <= first_tokens:
+                assert not request.done(), "the request ended before the backend was killed"
+                await asyncio.sleep(0.01)
+            if started:
+                await asyncio.sleep(0.1)  # the first chunk on its way through the gateway
             os.kill(pid, signal.SIGKILL)
             return await request
 
