@@ -180,7 +180,8 @@ class LocalSettings(_Strict):
         managed = self.enabled and self.base_url is None
         if managed and self.quantize == "int8" and importlib.util.find_spec("torchao") is None:
             raise ValueError(
-                "local.quantize: int8 needs torchao, which is not installed: pip install 'torchao>=0.18,<0.19'"
+                "local.quantize: int8 needs torchao, which is not installed: pip install 'understudy[int8]' "
+                "(or pip install 'torchao>=0.18,<0.19')"
             )
         return self
 

@@ -40,7 +40,8 @@ def require_torchao() -> None:
     """Raise MissingDependencyError unless torchao (for `quantize: int8`) can be imported."""
     if importlib.util.find_spec("torchao") is None:
         raise MissingDependencyError(
-            f"quantize int8 needs torchao, which is not installed: pip install '{TORCHAO_REQUIREMENT}'"
+            f"quantize int8 needs torchao, which is not installed: pip install 'understudy[int8]' "
+            f"(or pip install '{TORCHAO_REQUIREMENT}')"
         )
 
 

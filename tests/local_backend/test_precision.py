@@ -72,9 +72,13 @@ def test_int8_without_torchao_names_what_to_install(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a)
     )
-    with pytest.raises(MissingDependencyError, match="pip install 'torchao"):
+    with pytest.raises(
+        MissingDependencyError, match=r"pip install 'understudy\[int8\]' \(or pip install 'torchao>=0.18"
+    ):
         require_torchao()
-    with pytest.raises(ValidationError, match="pip install 'torchao"):
+    with pytest.raises(
+        ValidationError, match=r"pip install 'understudy\[int8\]' \(or pip install 'torchao>=0.18"
+    ):
         LocalSettings(quantize="int8")
     assert LocalSettings(quantize="int8", base_url="http://127.0.0.1:9/v1").quantize == "int8"
 
