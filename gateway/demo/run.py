@@ -38,12 +38,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def demo_settings(data_dir: Path, cloud_url: str, port: int, min_samples: int) -> Settings:
+def demo_settings(
+    data_dir: Path,
+    cloud_url: str,
+    port: int,
+    min_samples: int,
+    upstream_key: str | None = None,
+    **policy: Any,
+) -> Settings:
+    """The demo's route (json_equal judge, promote after 5 passes); `policy` overrides its
+    policy, `upstream_key` gives the gateway a key of its own (synthetic data needs one)."""
+    upstream = {"base_url": cloud_url, **({"api_key": upstream_key} if upstream_key else {})}
     return Settings.model_validate(
         {
             "port": port,
             "data_dir": data_dir,
-            "upstream": {"base_url": cloud_url},
+            "upstream": upstream,
             "local": {"enabled": True, "port": free_port()},
             "routes": [
                 {
@@ -61,6 +71,7 @@ def demo_settings(data_dir: Path, cloud_url: str, port: int, min_samples: int) -
                         "window": 30,
                         "demote_after": 6,
                         "cooldown_s": 0,
+                        **policy,
                     },
                 }
             ],

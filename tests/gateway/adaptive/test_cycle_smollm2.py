@@ -5,7 +5,6 @@ never trained on correctly."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +13,9 @@ import orjson
 import pytest
 
 from gateway.demo import task
-from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
+from gateway.demo.fakecloud import FakeCloudServer
 from gateway.demo.run import CLOUD_MODEL, ROUTE, demo_settings
 from tests.conftest import RunningGateway, start_gateway
-
-
-@pytest.fixture
-def extraction_cloud() -> Iterator[FakeCloudServer]:
-    server = FakeCloudServer(FakeCloud(answer=task.cloud_answer)).start()
-    yield server
-    server.stop()
 
 
 def _shared_model_cache(data_dir: Path, model_cache_dir: Path) -> None:

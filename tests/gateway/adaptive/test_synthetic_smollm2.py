@@ -5,7 +5,6 @@ prompts it never saw."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,66 +13,28 @@ import orjson
 import pytest
 
 from gateway.demo import task
-from gateway.demo.fakecloud import FakeCloud, FakeCloudServer
-from gateway.demo.run import CLOUD_MODEL, ROUTE
-from gateway.settings import Settings
+from gateway.demo.fakecloud import FakeCloudServer
+from gateway.demo.run import ROUTE, demo_settings
 from tests.conftest import start_gateway
 from tests.gateway.adaptive.test_cycle_smollm2 import _ask, _mode, _parsed, _shared_model_cache
-from tests.local_backend.support import free_port
 
 REAL_PAIRS = 20
-
-
-@pytest.fixture
-def writing_cloud() -> Iterator[FakeCloudServer]:
-    """Answers the task and, asked for new user messages like some examples, writes them."""
-    server = FakeCloudServer(FakeCloud(answer=task.cloud_answer)).start()
-    yield server
-    server.stop()
-
-
-def _settings(data_dir: Path, cloud_url: str) -> Settings:
-    # The demo's route (json_equal judge, promote after 5) at the default min_samples of a
-    # thin route's team (100), with synthetic data from 20 real pairs on.
-    return Settings.model_validate(
-        {
-            "port": 0,
-            "data_dir": data_dir,
-            # synthetic data is the gateway's own spending: it needs the upstream's own key
-            "upstream": {"base_url": cloud_url, "api_key": "sk-gateway"},
-            "local": {"enabled": True, "port": free_port()},
-            "routes": [
-                {
-                    "name": ROUTE,
-                    "match": [CLOUD_MODEL],
-                    "adapt": True,
-                    "policy": {
-                        "min_samples": 100,
-                        "promote_after": 5,
-                        "min_pass_rate": 0.5,
-                        "threshold": 100,
-                        "min_rolling_score": 80,
-                        "judge": "json_equal",
-                        "eval_rate": 0.1,
-                        "window": 30,
-                        "demote_after": 6,
-                        "cooldown_s": 0,
-                        "synthetic": {"enabled": True, "seed_samples": REAL_PAIRS},
-                    },
-                }
-            ],
-        }
-    )
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_a_route_with_20_real_pairs_and_synthetic_data_goes_local(
-    tmp_path: Path, model_cache_dir: Path, writing_cloud: FakeCloudServer
+    tmp_path: Path, model_cache_dir: Path, extraction_cloud: FakeCloudServer
 ) -> None:
+    # The demo's route at a thin route's min_samples (100), synthetic data on from 20 real
+    # pairs; the simulated cloud (task.cloud_answer) also writes task sentences when asked.
     data_dir = tmp_path / "data"
     _shared_model_cache(data_dir, model_cache_dir)
-    gateway = start_gateway(_settings(data_dir, writing_cloud.base_url))
+    synthetic = {"enabled": True, "seed_samples": REAL_PAIRS}
+    settings = demo_settings(
+        data_dir, extraction_cloud.base_url, 0, 100, upstream_key="sk-gateway", synthetic=synthetic
+    )
+    gateway = start_gateway(settings)
     try:
         gateway.wait_backend_healthy()
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-app", max_retries=0)
