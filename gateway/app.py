@@ -25,7 +25,13 @@ from gateway.services import Services
 from gateway.settings import Settings
 from gateway.web import admin, health
 from gateway.web.auth import Sessions
-from gateway.web.common import error_response, handle_gateway_error, handle_http_error
+from gateway.web.common import (
+    STORE_FAILURES,
+    error_response,
+    handle_gateway_error,
+    handle_http_error,
+    handle_store_failure,
+)
 from gateway.web.timeline import Timeline
 
 # Dashboard sessions ended by a sign-out, under the data dir (see web.auth.Sessions).
@@ -41,7 +47,11 @@ class UnderstudyApp:
         self.timeline = Timeline(self.services.metrics)
         self.web = Starlette(
             routes=[*health.routes, *admin.routes],
-            exception_handlers={GatewayError: handle_gateway_error, HTTPException: handle_http_error},
+            exception_handlers={
+                GatewayError: handle_gateway_error,
+                HTTPException: handle_http_error,
+                **dict.fromkeys(STORE_FAILURES, handle_store_failure),
+            },
             lifespan=self._lifespan,
         )
         self.web.state.services = self.services

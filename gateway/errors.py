@@ -18,6 +18,7 @@
     │   ├── JudgeError                502 judge_error: the grader produced no verdict
     │   ├── Overloaded                503 overloaded_error (+ Retry-After): a full queue
     │   ├── CircuitOpen               503 upstream_unavailable (+ Retry-After): breaker open
+    │   ├── StoreUnavailable          503 store_unavailable (+ Retry-After): the database failed
     │   └── UpstreamTimeout           504 timeout_error
     └── ConfigError                   500 config_error: the configuration cannot be used (also a
                                       ValueError, so pydantic validators may raise it)
@@ -152,6 +153,18 @@ class CircuitOpen(ServiceError):
     status = 503
     type = "upstream_unavailable"
     code = "circuit_open"
+
+
+class StoreUnavailable(ServiceError):
+    """The store (SQLite or PostgreSQL) failed an admin or dashboard read or write: the
+    database is down, locked or full. Proxying goes on; its records wait in the spill."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "store_unavailable"
+
+    def __init__(self, message: str = "the gateway's store is unavailable; try again shortly"):
+        super().__init__(message, retry_after=5.0)
 
 
 class UpstreamTimeout(ServiceError):

@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
 import orjson
+import psycopg
+import psycopg_pool
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.adaptive.controller import AdaptiveController
-from gateway.errors import Conflict, GatewayError, InvalidRequest, NotFound, PayloadTooLarge, Unprocessable
+from gateway.errors import (
+    Conflict,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    StoreUnavailable,
+    Unprocessable,
+)
 from gateway.services import Services
 from gateway.settings import RouteSettings
 from gateway.web.endpoints import Param
 
+log = logging.getLogger("understudy.web")
 M = TypeVar("M", bound=BaseModel)
 # Admin bodies are a handful of fields; anything bigger is a mistake or an attack.
 MAX_ADMIN_BODY = 64 * 1024
@@ -37,6 +50,17 @@ def error_response(exc: GatewayError) -> Response:
 async def handle_gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
     return error_response(exc)
+
+
+# What the stores raise when their database fails (down, locked, full, out of connections).
+STORE_FAILURES: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error, psycopg_pool.PoolTimeout)
+
+
+async def handle_store_failure(request: Request, exc: Exception) -> Response:
+    """An admin or dashboard call the store failed: 503 in OpenAI's shape, not a bare 500
+    (the database's message stays in the log: it may name hosts or paths)."""
+    log.warning("%s %s: the store failed: %s", request.method, request.url.path, exc)
+    return error_response(StoreUnavailable())
 
 
 async def handle_http_error(request: Request, exc: Exception) -> Response:
