@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -425,8 +426,104 @@ def local_section(meta: dict[str, Any], results: Path, docs: Path, checks: list[
     return lines
 
 
+def precision_median(values: dict[str, Any], key: str) -> float:
+    """A mode's median tok/s (`key`: single or concurrent), as written, else from its rounds."""
+    median = values.get(f"{key}_median")
+    return float(median) if median is not None else statistics.median(values[f"{key}_tps"])
+
+
+def precision_ratio(values: dict[str, Any], base: dict[str, Any] | None, key: str) -> float | None:
+    """A mode's ratio to fp32: its "2.10x" as written, else the median of within-round ratios."""
+    try:
+        return float(str(values.get(f"{key}_vs_fp32", "")).removesuffix("x"))
+    except ValueError:
+        pass
+    if base is None:
+        return None
+    pairs = zip(values[f"{key}_tps"], base[f"{key}_tps"], strict=True)
+    ratios = [a / b for a, b in pairs if b]
+    return statistics.median(ratios) if ratios else None
+
+
+def ratio_text(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def precision_table(run: dict[str, Any], concurrency: int) -> list[str]:
+    modes, base = run["modes"], run["modes"].get("fp32")
+    rows = [
+        [mode, v["weights"], v["activations"], fmt(precision_median(v, "single"), 2),
+         ratio_text(precision_ratio(v, base, "single")), fmt(precision_median(v, "concurrent"), 2),
+         ratio_text(precision_ratio(v, base, "concurrent"))]
+        for mode, v in modes.items()
+    ]  # fmt: skip
+    lines = table(
+        ["mode", "weights", "activations", "1 stream tok/s (median)", "vs fp32",
+         f"{concurrency} concurrent tok/s (median)", "vs fp32"], rows
+    )  # fmt: skip
+    per_round = "; ".join(
+        f"{mode} " + ", ".join(
+            f"{a:.2f} / {b:.2f}" for a, b in zip(v["single_tps"], v["concurrent_tps"], strict=True)
+        )
+        for mode, v in modes.items()
+    )  # fmt: skip
+    return [*lines, f"Per round, 1 stream / {concurrency} concurrent, tok/s: {per_round}.", ""]
+
+
+def precision_checks(runs: list[dict[str, Any]], checks: list[list[str]]) -> None:
+    """Targets: a faster mode than fp32 on the bundled model; TinyLlama-shaped at >= 10 tok/s."""
+    first = runs[0]["modes"]
+    ratios = {
+        mode: precision_ratio(v, first.get("fp32"), "single") for mode, v in first.items() if mode != "fp32"
+    }
+    known = {mode: r for mode, r in ratios.items() if r is not None}
+    if known:
+        mode = max(known, key=lambda m: known[m])
+        checks.append(["bf16 or int8/int4 one stream ≥ 2x fp32 (bundled model)", f"{known[mode]:.2f}x ({mode})",
+                       "met" if known[mode] >= 2.0 else "**not met**"])  # fmt: skip
+    if len(runs) > 1:
+        medians = {mode: precision_median(v, "single") for mode, v in runs[1]["modes"].items()}
+        mode = max(medians, key=lambda m: medians[m])
+        checks.append(["TinyLlama-1.1B-shaped one stream ≥ 10 tok/s", f"{medians[mode]:.2f} tok/s ({mode})",
+                       "met" if medians[mode] >= 10 else "**not met**"])  # fmt: skip
+
+
+def precision_section(meta: dict[str, Any], results: Path, checks: list[list[str]]) -> list[str]:
+    lines = ["## 3. Local precision", ""]
+    r = loaded(meta, results, "precision", "local_precision.json")
+    if r is None:
+        return lines + not_run(meta, "precision")
+    concurrency = meta["steps"]["precision"].get("concurrency", 8)
+    threads = (
+        f"{r['threads']} torch thread{'s' if r['threads'] != 1 else ''}"
+        if r.get("threads")
+        else "torch's threads"
+    )
+    lines += [
+        "`bench/local_backend.py --precision`: one backend server per precision mode, all up at once "
+        f"({threads} each), the same greedy streamed chat requests (`ignore_eos`), one stream then "
+        f"{concurrency} concurrent, the modes alternating within each round; medians of rounds, and "
+        "ratios to fp32 taken within a round, then the median. On the bundled model, then on a "
+        "randomly initialised model with TinyLlama-1.1B's sizes and the bundled tokenizer (3% more "
+        "weights than TinyLlama: a conservative speed figure).",
+        "",
+    ]
+    lines += reproduce(meta, "precision")
+    for run in r["runs"]:
+        lines += [
+            f"{Path(run['model']).name}: {run['tokens_per_request']} tokens per request, {run['rounds']} "
+            f"round{'s' if run['rounds'] != 1 else ''}, load average {run['load_average'][0]:.2f}, "
+            f"{run['seconds']:.0f} s:",
+            "",
+        ]
+        lines += precision_table(run, concurrency)
+    if r["runs"]:
+        precision_checks(r["runs"], checks)
+    return lines
+
+
 def train_section(meta: dict[str, Any], results: Path, checks: list[list[str]]) -> list[str]:
-    lines = ["## 3. Training", ""]
+    lines = ["## 4. Training", ""]
     train = loaded(meta, results, "train", "train.json")
     if train is None:
         return lines + not_run(meta, "train")
@@ -464,7 +561,7 @@ def train_section(meta: dict[str, Any], results: Path, checks: list[list[str]]) 
 
 
 def overload_section(meta: dict[str, Any], results: Path, checks: list[list[str]]) -> list[str]:
-    lines = ["## 4. Overload", ""]
+    lines = ["## 5. Overload", ""]
     r = loaded(meta, results, "overload", "overload.json")
     if r is None:
         return lines + not_run(meta, "overload")
@@ -492,7 +589,7 @@ def overload_section(meta: dict[str, Any], results: Path, checks: list[list[str]
 
 
 def adaptive_section(meta: dict[str, Any], results: Path) -> list[str]:
-    lines = ["## 5. Adaptive cycle", ""]
+    lines = ["## 6. Adaptive cycle", ""]
     r = loaded(meta, results, "adaptive", "adaptive.json")
     if r is None:
         return lines + not_run(meta, "adaptive")
@@ -515,6 +612,7 @@ def render(results: Path = RESULTS, docs: Path = REPO / "docs" / "BENCHMARKS.md"
     body: list[str] = []
     body += proxy_section(meta, results, docs, checks)
     body += local_section(meta, results, docs, checks)
+    body += precision_section(meta, results, checks)
     body += train_section(meta, results, checks)
     body += overload_section(meta, results, checks)
     if "adaptive" in meta["steps"]:

@@ -1,15 +1,18 @@
 """Run every benchmark in one go and write docs/BENCHMARKS.md with its tables and plots.
 
-    .venv/bin/python bench/run_all.py            # full (~15 min on 2 cores; what `make bench` runs)
+    .venv/bin/python bench/run_all.py            # full (what `make bench` runs; see the timing below)
     .venv/bin/python bench/run_all.py --quick    # tiny counts, a smoke run of a few minutes
     .venv/bin/python bench/run_all.py --quick --skip-litellm --skip-llamacpp   # no network needed
 
 Steps, each its own script and process, run one after another so they do not compete for the
 cores: the proxy comparison (Understudy vs LiteLLM's proxy vs direct), the local model server
-(vs `model.generate`, and vs llama-cpp-python's server), training (vs a plain peft loop),
-overload, and with --adaptive the adaptive cycle. A step that fails is reported as failed with
-the end of its output; the others still run. Results land in bench/results/*.json (this run's
-only: each step's file is removed before it runs), logs in bench/results/logs/.
+(vs `model.generate`, and vs llama-cpp-python's server), the local model's precision modes
+(fp32, bf16, int8, int4 servers side by side on the bundled model and on a TinyLlama-1.1B-shaped
+one), training (vs a plain peft loop), overload, and with --adaptive the adaptive cycle. A full
+run takes ~15 min on 2 cores plus the precision step (up to an hour: a 1.1B model, one thread
+per server). A step that fails is reported as failed with the end of its output; the others
+still run. Results land in bench/results/*.json (this run's only: each step's file is removed
+before it runs), logs in bench/results/logs/.
 LiteLLM and llama-cpp-python are installed into their own venvs under bench/ on first use
 (network needed then); --quick never builds llama-cpp-python, it only uses one already built.
 """
@@ -71,6 +74,12 @@ def plan(args: argparse.Namespace) -> list[Step]:
     # Five rounds in full: on a shared machine a round or two can be hit by a neighbour's burst.
     local_args = ["--tokens", "16", "--rounds", "1"] if q else ["--tokens", "128", "--rounds", "5"]
     llama_args = ["--tokens", "16", "--rounds", "1"] if q else ["--tokens", "128", "--rounds", "5"]
+    # One thread per server: the four modes' servers are up at once on the same cores.
+    precision_args = ["--precision", "--threads", "1"]
+    if q:
+        precision_args += ["--tokens", "8", "--rounds", "1", "--big-tokens", "4", "--big-rounds", "1"]
+    else:
+        precision_args += ["--tokens", "64", "--rounds", "3", "--big-tokens", "32", "--big-rounds", "2"]
     if q:
         train_args = ["--steps", "2", "--warmup", "1", "--rounds", "1", "--seq", "128"]
     else:
@@ -91,6 +100,14 @@ def plan(args: argparse.Namespace) -> list[Step]:
             extra={"concurrency": 8},
         ),
         Step("llamacpp", "llamacpp.py", llama_args, ["llamacpp.json"], 2400),
+        Step(
+            "precision",
+            "local_backend.py",
+            [*precision_args, "--data-dir", ".understudy", "--json", f"{results}/local_precision.json"],
+            ["local_precision.json"],
+            1800 if q else 3600,
+            extra={"concurrency": 8},
+        ),
         Step("train", "train.py", [*train_args, "--out", f"{results}/train.json"], ["train.json"], 2400),
         Step("overload", "overload.py", overload_args, ["overload.json"], 600),
     ]
@@ -193,7 +210,10 @@ def main() -> None:
     parser.add_argument("--skip-llamacpp", action="store_true", help="no llama-cpp-python")
     parser.add_argument("--adaptive", action="store_true", help="also the adaptive cycle (several minutes)")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["proxy", "local", "llamacpp", "train", "overload"]
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["proxy", "local", "llamacpp", "precision", "train", "overload"],
     )
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     args = parser.parse_args()
