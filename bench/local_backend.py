@@ -43,6 +43,7 @@ PRECISIONS: dict[str, tuple[str, ...]] = {
     "fp32": ("--dtype", "float32"),
     "bf16": ("--dtype", "bfloat16"),
     "int8": ("--dtype", "bfloat16", "--quantize", "int8"),
+    "int4": ("--dtype", "bfloat16", "--quantize", "int4"),
 }
 
 QUESTIONS = [
@@ -330,6 +331,10 @@ PRECISION_NOTES: dict[str, dict[str, str]] = {
     "fp32": {"weights": "float32", "activations": "float32"},
     "bf16": {"weights": "bfloat16", "activations": "bfloat16"},
     "int8": {"weights": "int8 (torchao, per channel; head in bf16)", "activations": "bfloat16"},
+    "int4": {
+        "weights": "int4 (torchao CPU kernel, per group of 64/128; head too)",
+        "activations": "bfloat16",
+    },
 }
 
 

@@ -6,8 +6,8 @@ Trains one LoRA adapter on the demo task (name/age/city extraction, gateway/demo
 same task bench/adaptive.py's plain variant runs) with the production trainer in fp32
 (`trainer.runner.run_job`, default rule), then serves it on the base loaded as the backend
 loads it (`load_model(dtype, quantize)` and `adapters.load_into_model`, which keeps the
-adapter in its trained fp32) in fp32, bf16, int8 weights with fp32 activations and int8
-weights with bf16 activations, and counts JSON-equal greedy answers on fresh prompts (drawn
+adapter in its trained fp32) in fp32, bf16, and int8 and int4 weights with fp32 and with bf16
+activations, and counts JSON-equal greedy answers on fresh prompts (drawn
 with another seed than the training ones). The issue's rule: a mode that loses more than 2
 points against fp32 is not what `local.dtype: auto` picks. Results: bench/results/precision_accuracy.json.
 """
@@ -29,7 +29,14 @@ sys.path.insert(0, str(REPO))  # before bench/: bench/local_backend.py would sha
 
 from train_rule import answers, chats, train, warm_model_cache  # noqa: E402
 
-MODES = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("bfloat16", "int8")]
+MODES = [
+    ("float32", "none"),
+    ("bfloat16", "none"),
+    ("float32", "int8"),
+    ("bfloat16", "int8"),
+    ("float32", "int4"),
+    ("bfloat16", "int4"),
+]
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,6 +49,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=str(REPO / ".understudy"))
     parser.add_argument("--adapter", type=Path, default=None, help="skip training: measure this adapter")
+    parser.add_argument(
+        "--modes",
+        default=",".join(f"{d}:{q}" for d, q in MODES),
+        help="dtype:quantize pairs, comma-separated; the first is the reference (default: all)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "precision_accuracy.json")
     return parser.parse_args()
 
@@ -100,13 +112,15 @@ def main() -> None:
     warm_model_cache(args.model, Path(args.cache))
     adapter = args.adapter or task_adapter(args.model, Path(args.cache), args.threads, args.pairs)
     meta = json.loads((adapter / "meta.json").read_text()) if (adapter / "meta.json").is_file() else {}
-    modes = [pass_rate(args, adapter, dtype, quantize) for dtype, quantize in MODES]
+    wanted = [tuple(mode.split(":")) for mode in args.modes.split(",")]
+    modes = [pass_rate(args, adapter, dtype, quantize) for dtype, quantize in wanted]
     reference = modes[0]
     for mode in modes:
-        mode["points_vs_fp32"] = round(100 * (mode["pass_rate"] - reference["pass_rate"]), 1)
-        mode["same_answer_as_fp32"] = sum(
+        mode["points_vs_reference"] = round(100 * (mode["pass_rate"] - reference["pass_rate"]), 1)
+        mode["same_answer_as_reference"] = sum(
             a == b for a, b in zip(mode["answers"], reference["answers"], strict=True)
         )
+    reference_name = f"{reference['dtype']}:{reference['quantize']}"
     result = {
         "task": "gateway/demo/task.py (name/age/city extraction; bench/adaptive.py plain variant)",
         "model": args.model,
@@ -116,6 +130,7 @@ def main() -> None:
         "train_loss": meta.get("train_loss"),
         "threads": args.threads,
         "load_average_1m": round(os.getloadavg()[0], 2),
+        "reference": reference_name,
         "modes": [{k: v for k, v in m.items() if k != "answers"} for m in modes],
     }
     text = json.dumps(result, indent=1)

@@ -170,17 +170,19 @@ class LocalSettings(_Strict):
     threads: int | None = Field(None, ge=1)
     # auto: bfloat16 on CUDA or on a CPU with native bf16 (AVX512-bf16 or AMX), else float32.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # int8: weight-only int8 linear layers (needs torchao); LoRA adapters keep their dtype.
-    quantize: Literal["none", "int8"] = "none"
+    # int8: weight-only int8 linear layers; int4: weight-only int4 per group, the head included,
+    # CPU only (both need torchao); LoRA adapters keep their dtype.
+    # auto: int4 on CPU where torchao is installed, else none.
+    quantize: Literal["auto", "none", "int8", "int4"] = "none"
     limits: LimitSettings | None = None
 
     @model_validator(mode="after")
     def _quantizer_installed(self) -> LocalSettings:
         # The backend runs in this interpreter: say now, not in its log after each restart.
         managed = self.enabled and self.base_url is None
-        if managed and self.quantize == "int8" and importlib.util.find_spec("torchao") is None:
+        if managed and self.quantize in ("int8", "int4") and importlib.util.find_spec("torchao") is None:
             raise ValueError(
-                "local.quantize: int8 needs torchao, which is not installed: pip install 'understudy[int8]' "
+                f"local.quantize: {self.quantize} needs torchao, which is not installed: pip install 'understudy[int8]' "
                 "(or pip install 'torchao>=0.18,<0.19')"
             )
         return self

@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quantize",
         default="none",
-        choices=["none", "int8"],
-        help="int8: weight-only int8 linear layers through torchao (LoRA adapters keep their dtype)",
+        choices=["auto", "none", "int8", "int4"],
+        help="int8: weight-only int8 decoder linear layers; int4: weight-only int4 (per group, CPU) "
+        "for every linear layer, the head included; both through torchao (LoRA adapters keep their dtype)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -109,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args, parser)
     except ValueError as exc:  # pydantic's ValidationError names the offending option
         parser.error(str(exc))
-    if settings.quantize == "int8":
+    if settings.quantize in ("int8", "int4"):  # auto does without
         try:
-            require_torchao()
+            require_torchao(settings.quantize)
         except MissingDependencyError as exc:
             parser.error(str(exc))
     prepare_environment(settings)

@@ -103,7 +103,7 @@ class Engine:
             self.model_name,
             self.max_model_len,
             str(handle.model.dtype).removeprefix("torch."),
-            self.settings.quantize,
+            handle.model.understudy_quantize,
         )
         threading.Thread(target=self._warm_json_grammar, name="grammar-warmup", daemon=True).start()
 

