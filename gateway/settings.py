@@ -172,8 +172,8 @@ class LocalSettings(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # int8: weight-only int8 linear layers; int4: weight-only int4 per group, the head included,
     # CPU only (both need torchao); LoRA adapters keep their dtype.
-    # auto: int4 on CPU where torchao is installed, else none.
-    quantize: Literal["auto", "none", "int8", "int4"] = "none"
+    # auto (the default): int4 on a CPU with native bf16 where torchao is installed, else none.
+    quantize: Literal["auto", "none", "int8", "int4"] = "auto"
     limits: LimitSettings | None = None
 
     @model_validator(mode="after")
@@ -182,9 +182,11 @@ class LocalSettings(_Strict):
         managed = self.enabled and self.base_url is None
         if managed and self.quantize in ("int8", "int4") and importlib.util.find_spec("torchao") is None:
             raise ValueError(
-                f"local.quantize: {self.quantize} needs torchao, which is not installed: pip install 'understudy[int8]' "
-                "(or pip install 'torchao>=0.18,<0.19')"
+                f"local.quantize: {self.quantize} needs torchao, which is not installed: "
+                "pip install 'understudy[local]' (or pip install 'torchao>=0.18,<0.19')"
             )
+        if self.quantize == "int4" and self.dtype == "float32":
+            raise ValueError("local.quantize int4 computes in bfloat16; set local.dtype auto or bfloat16")
         return self
 
 

@@ -43,7 +43,7 @@ def require_torchao(mode: str = "int8") -> None:
     """Raise MissingDependencyError unless torchao (for `quantize: int8|int4`) can be imported."""
     if importlib.util.find_spec("torchao") is None:
         raise MissingDependencyError(
-            f"quantize {mode} needs torchao, which is not installed: pip install 'understudy[int8]' "
+            f"quantize {mode} needs torchao, which is not installed: pip install 'understudy[local]' "
             f"(or pip install '{TORCHAO_REQUIREMENT}')"
         )
 
@@ -232,15 +232,21 @@ def serving_dtype(requested: str | None, device: str, flags: frozenset[str] | No
     return "bfloat16" if have & _NATIVE_BF16_FLAGS else "float32"
 
 
-def serving_quantize(requested: str | None, device: str, torchao: bool | None = None) -> str:
+def serving_quantize(
+    requested: str | None, device: str, torchao: bool | None = None, flags: frozenset[str] | None = None
+) -> str:
     """The weight quantization to serve with: `requested` unless it is `auto`, which means
-    int4 on CPU where torchao is installed (its CPU int4 kernel reads an eighth of fp32's
-    bytes per token, and held-out accuracy held: bench/precision_accuracy.py), else none."""
+    int4 on a CPU with native bf16 (int4 computes in bf16) where torchao is installed, else
+    none. On such a CPU int4 decodes about 2x (SmolLM2) to 3x (TinyLlama-sized) fp32 and
+    held the demo task's 200/200 held-out answers (bench/precision_accuracy.py)."""
     if requested and requested != "auto":
         return requested
+    if device != "cpu":
+        return "none"
     if torchao is None:
         torchao = importlib.util.find_spec("torchao") is not None
-    return "int4" if torchao and device == "cpu" else "none"
+    have = cpu_flags() if flags is None else flags
+    return "int4" if torchao and have & _NATIVE_BF16_FLAGS else "none"
 
 
 def quantize_int8(model: Any) -> None:
@@ -261,9 +267,15 @@ def quantize_int8(model: Any) -> None:
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=is_decoder_linear)
 
 
-# Group sizes torchao's CPU int4 kernel takes: the coarsest that divides every quantized
-# layer's input width is used (SmolLM2's 576 takes 64, TinyLlama's 2048/5632 take 128).
-_INT4_GROUPS = (128, 64, 32)
+# torchao's CPU int4 kernel takes groups of 32, 64 or 128 input weights per scale and zero:
+# 32 (the finest) decodes as fast as 64 or 128 here and keeps SmolLM2's held-out answers
+# (200/200 on the demo task against 189 at 64: bench/precision_accuracy.py).
+INT4_GROUP = 32
+# float32 activations take the kernel's slow path: 4x slower than fp32 dense at decode and a
+# 60-token prefill of 11 s instead of 0.2 s (SmolLM2, one thread).
+INT4_NEEDS_BF16 = (
+    "quantize int4 computes in bfloat16 (float32 activations are ~10x slower); set dtype auto or bfloat16"
+)
 _INT4_ROWS = 16  # the kernel packs output rows in blocks of 16
 
 
@@ -275,16 +287,14 @@ def _int4_layers(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features % _INT4_ROWS == 0]
 
 
-def int4_group_size(model: Any) -> int:
-    """The group size for `quantize_int4`: the largest of 128/64/32 dividing the input width
-    of every layer it quantizes; ValueError when none does."""
+def check_int4_fits(model: Any) -> None:
+    """ValueError unless every layer `quantize_int4` would take has an input width that is a
+    multiple of the group (32)."""
     widths = {layer.in_features for layer in _int4_layers(model)}
-    for group in _INT4_GROUPS:
-        if all(width % group == 0 for width in widths):
-            return group
-    raise ValueError(
-        f"quantize int4 needs linear input widths divisible by 32; this model has {sorted(widths)}"
-    )
+    if any(width % INT4_GROUP for width in widths):
+        raise ValueError(
+            f"quantize int4 needs linear input widths divisible by {INT4_GROUP}; this model has {sorted(widths)}"
+        )
 
 
 def quantize_int4(model: Any) -> None:
@@ -304,12 +314,12 @@ def quantize_int4(model: Any) -> None:
         raise ValueError(
             "quantize int4 runs on CPU only (torchao's CPU int4 kernel); use int8 or none on CUDA"
         )
-    group = int4_group_size(model)
+    check_int4_fits(model)
     chosen = {id(layer) for layer in _int4_layers(model)}
     head = model.get_output_embeddings()
     if id(head) in chosen and head.weight is model.get_input_embeddings().weight:
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    config = PrototypeInt4WeightOnlyConfig(group_size=group, set_inductor_config=False)
+    config = PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP, set_inductor_config=False)
     quantize_(model, config, filter_fn=lambda module, _name: id(module) in chosen)
 
 
@@ -326,17 +336,24 @@ def load_model(
     """Load (model, tokenizer, source) for `spec`, converting a GGUF once into `cache_root`.
 
     `device` defaults to CUDA when present; `dtype` to bf16 on CUDA, fp32 on CPU; `auto`
-    picks by the hardware (`serving_dtype`, `serving_quantize`). `quantize` ("int8", "int4")
+    picks by the hardware (`serving_dtype`, `serving_quantize`); int4 computes in bf16. `quantize` ("int8", "int4")
     quantizes the linear layers' weights (`QUANTIZERS`).
     """
     source = ensure_dense(resolve(spec), cache_root)
     device = pick_device(device)
     chosen = serving_dtype(dtype, device) if dtype == "auto" else dtype or default_dtype(device)
-    model, tokenizer = _load_pretrained(source, chosen, device)
     scheme = serving_quantize(quantize, device)
+    if scheme == "int4":
+        if dtype == "float32" and quantize == "auto":
+            scheme = "none"  # an explicit float32 wins over auto
+        elif dtype == "float32":
+            raise ValueError(INT4_NEEDS_BF16)
+        else:
+            chosen = "bfloat16"
+    model, tokenizer = _load_pretrained(source, chosen, device)
     if scheme == "int4" and quantize == "auto":
         try:
-            int4_group_size(model)
+            check_int4_fits(model)
         except ValueError as exc:  # auto falls back; an explicit int4 says why it cannot
             logger.warning("quantize auto: serving without int4 (%s)", exc)
             scheme = "none"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from local_backend.loading import DEFAULT_MODEL
 
@@ -33,12 +33,19 @@ class Settings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # int8: weight-only int8 of the decoder's linear layers; int4: weight-only int4 per group of
     # every linear layer, the head included (CPU only); both torchao. Adapters keep their dtype.
-    # auto: int4 on CPU where torchao is installed, else none.
+    # auto: int4 on a CPU with native bf16 where torchao is installed, else none. The gateway
+    # passes its local.quantize (default auto); run alone, the backend serves unquantized.
     quantize: Literal["auto", "none", "int8", "int4"] = "none"
     max_model_len: int | None = Field(default=None, ge=1)
     # None: a request without max_tokens may use the rest of the context (as vLLM does).
     default_max_tokens: int | None = Field(default=None, ge=1)
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _int4_in_bf16(self) -> Settings:
+        if self.quantize == "int4" and self.dtype == "float32":
+            raise ValueError("--quantize int4 computes in bfloat16; use --dtype auto or bfloat16")
+        return self
 
     @field_validator("loras")
     @classmethod

@@ -21,7 +21,7 @@ from local_backend.cli import build_parser, settings_from_args
 from local_backend.jobs import GenerationJob, SequenceSpec
 from local_backend.loading import (
     MissingDependencyError,
-    int4_group_size,
+    check_int4_fits,
     load_model,
     require_torchao,
     serving_dtype,
@@ -37,8 +37,7 @@ MODES = [
     ("bfloat16", "none"),
     ("float32", "int8"),
     ("bfloat16", "int8"),
-    ("float32", "int4"),
-    ("bfloat16", "int4"),
+    ("bfloat16", "int4"),  # int4 computes in bf16 only
 ]
 
 
@@ -64,7 +63,8 @@ def test_an_explicit_dtype_wins_over_the_hardware() -> None:
 def test_settings_accept_the_modes_and_reject_others() -> None:
     local = LocalSettings(dtype="bfloat16", quantize="int8")
     assert (local.dtype, local.quantize) == ("bfloat16", "int8")
-    assert (LocalSettings().dtype, LocalSettings().quantize) == ("auto", "none")
+    assert (LocalSettings().dtype, LocalSettings().quantize) == ("auto", "auto")
+    assert (Settings().dtype, Settings().quantize) == ("auto", "none")  # the backend alone: as asked
     with pytest.raises(ValidationError, match="dtype"):
         LocalSettings(dtype="float16")  # type: ignore[arg-type]
     assert LocalSettings(quantize="int4").quantize == Settings(quantize="int4").quantize == "int4"
@@ -72,9 +72,14 @@ def test_settings_accept_the_modes_and_reject_others() -> None:
         LocalSettings(quantize="int2")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="quantize"):
         Settings(quantize="fp8")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="int4 computes in bfloat16"):
+        LocalSettings(dtype="float32", quantize="int4")
+    with pytest.raises(ValidationError, match="int4 computes in bfloat16"):
+        Settings(dtype="float32", quantize="int4")
     parser = build_parser()
     args = parser.parse_args(["--dtype", "bfloat16", "--quantize", "int8"])
     assert settings_from_args(args, parser).quantize == "int8"
+    assert settings_from_args(parser.parse_args(["--quantize", "auto"]), parser).quantize == "auto"
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "half"])
 
@@ -87,13 +92,14 @@ def test_int8_without_torchao_names_what_to_install(monkeypatch: pytest.MonkeyPa
         importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a)
     )
     with pytest.raises(
-        MissingDependencyError, match=r"pip install 'understudy\[int8\]' \(or pip install 'torchao>=0.18"
+        MissingDependencyError, match=r"pip install 'understudy\[local\]' \(or pip install 'torchao>=0.18"
     ):
         require_torchao()
     with pytest.raises(
-        ValidationError, match=r"pip install 'understudy\[int8\]' \(or pip install 'torchao>=0.18"
+        ValidationError, match=r"pip install 'understudy\[local\]' \(or pip install 'torchao>=0.18"
     ):
         LocalSettings(quantize="int8")
+    assert LocalSettings(quantize="auto").quantize == "auto"  # auto does without: it serves dense
     assert LocalSettings(quantize="int8", base_url="http://127.0.0.1:9/v1").quantize == "int8"
 
 
@@ -157,7 +163,7 @@ def test_int4_quantizes_every_linear_layer_it_can_and_keeps_the_embeddings(
     # The tiny tokenizer's head has 515 rows, not a multiple of the kernel's 16: it stays dense.
     assert head.out_features % 16 != 0 and not isinstance(head.weight, TorchAOBaseTensor)
     assert torch.equal(model.get_input_embeddings().weight, dense.get_input_embeddings().weight)
-    assert int4_group_size(model) == 64  # the tiny model's widths are 64 and 128
+    check_int4_fits(model)  # the tiny model's widths, 64 and 128, are whole groups of 32
 
 
 def _job() -> GenerationJob:
@@ -229,20 +235,25 @@ def test_adapters_hot_swap_on_a_quantized_base(
     assert _greedy(client, "tiny") == base
 
 
+BF16_CPU = frozenset({"avx2", "avx512f", "avx512_bf16"})
+
+
 @pytest.mark.parametrize(
-    ("requested", "device", "torchao", "expected"),
+    ("requested", "device", "torchao", "flags", "expected"),
     [
-        ("auto", "cpu", True, "int4"),
-        ("auto", "cpu", False, "none"),
-        ("auto", "cuda", True, "none"),
-        ("int8", "cpu", False, "int8"),
-        ("none", "cpu", True, "none"),
+        ("auto", "cpu", True, BF16_CPU, "int4"),
+        ("auto", "cpu", True, frozenset({"avx2", "amx_bf16"}), "int4"),
+        ("auto", "cpu", True, frozenset({"avx2", "avx512f"}), "none"),  # bf16 emulated: slow
+        ("auto", "cpu", False, BF16_CPU, "none"),
+        ("auto", "cuda", True, BF16_CPU, "none"),
+        ("int8", "cpu", False, frozenset(), "int8"),
+        ("none", "cpu", True, BF16_CPU, "none"),
     ],
 )
-def test_auto_quantize_is_int4_on_a_cpu_with_torchao(
-    requested: str, device: str, torchao: bool, expected: str
+def test_auto_quantize_is_int4_on_a_bf16_cpu_with_torchao(
+    requested: str, device: str, torchao: bool, flags: frozenset[str], expected: str
 ) -> None:
-    assert serving_quantize(requested, device, torchao) == expected
+    assert serving_quantize(requested, device, torchao, flags) == expected
 
 
 def test_auto_quantize_serves_dense_when_the_model_does_not_fit_the_kernel(
@@ -258,7 +269,22 @@ def test_auto_quantize_serves_dense_when_the_model_does_not_fit_the_kernel(
     odd = tmp_path / "odd"
     AutoModelForCausalLM.from_config(config).save_pretrained(odd)
     tokenizer.save_pretrained(odd)
-    model, _, _ = load_model(str(odd), tmp_path, "cpu", "float32", "auto")
-    assert model.understudy_quantize == "none"  # 48 wide: no int4 group size divides it
+    model, _, _ = load_model(str(odd), tmp_path, "cpu", "bfloat16", "auto")
+    if serving_quantize("auto", "cpu") == "int4":  # this machine: auto would quantize
+        assert model.understudy_quantize == "none"  # 48 wide: not whole groups of 32
     with pytest.raises(ValueError, match="divisible by 32"):
+        load_model(str(odd), tmp_path, "cpu", "bfloat16", "int4")
+    with pytest.raises(ValueError, match="int4 computes in bfloat16"):
         load_model(str(odd), tmp_path, "cpu", "float32", "int4")
+
+
+def test_auto_quantize_serves_int4_in_bf16_unless_float32_is_asked(
+    lively_model_dir: Path, tmp_path: Path
+) -> None:
+    here = serving_quantize("auto", "cpu")  # int4 on this CPU if it has native bf16
+    model, _, _ = load_model(str(lively_model_dir), tmp_path, "cpu", "auto", "auto")
+    assert model.understudy_quantize == here
+    if here == "int4":
+        assert model.dtype == torch.bfloat16
+    model, _, _ = load_model(str(lively_model_dir), tmp_path, "cpu", "float32", "auto")
+    assert (model.understudy_quantize, model.dtype) == ("none", torch.float32)
