@@ -1,7 +1,7 @@
 """Time to first token and answer latency through the gateway: the local model against a
 cloud that takes 300 ms to its first byte, on the demo task (bench/adaptive.py's task).
 
-    .venv/bin/python bench/local_latency.py [--requests 40] [--dtype auto] [--quantize none]
+    .venv/bin/python bench/local_latency.py [--requests 40] [--dtype auto] [--quantize auto]
 
 One gateway, two routes: `cloud` forwards to the fake cloud (model `slow-300`, which waits
 300 ms and then answers the task's JSON exactly), `local` forwards to a local backend
@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--requests", type=int, default=40, help="per side")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--quantize", default="none", choices=["none", "int8"])
+    parser.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pairs", type=int, default=100, help="pairs the task adapter trains on")
     parser.add_argument("--cache", type=Path, default=REPO / ".understudy")

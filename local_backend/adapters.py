@@ -12,6 +12,7 @@ import itertools
 import json
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,11 @@ def check_adapter_folder(path: Path) -> dict[str, Any]:
 def load_into_model(model: Any, adapter: Adapter) -> None:
     """Add the adapter's weights to `model` under its id; on failure leave no trace of it."""
     try:
-        info = model.load_adapter(str(adapter.path), adapter_name=adapter.adapter_id, hotswap=False)
+        with warnings.catch_warnings():
+            # peft's torchao layer warns that merge() needs the quantization config: adapters
+            # here are never merged (they hot-swap), so the warning only alarms the log.
+            warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+            info = model.load_adapter(str(adapter.path), adapter_name=adapter.adapter_id, hotswap=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         delete_from_model(model, adapter.adapter_id)
         reason = "its weight shapes do not match the base model" if "mismatched" in str(exc) else str(exc)

@@ -21,6 +21,7 @@ from local_backend.constrained import TokenGuide
 from local_backend.detokenize import IncrementalDetokenizer, StopMatcher
 from local_backend.jobs import Event, GenerationJob, SequenceFinished, SequenceSpec, TextDelta
 from local_backend.kvcache import BatchCache
+from local_backend.loading import Precision
 from local_backend.metrics import BackendMetrics
 from local_backend.sampling import TokenSampler
 
@@ -66,6 +67,7 @@ class ModelHandle:
     pad_id: int
     device: str
     vocab_size: int
+    precision: Precision = field(default_factory=Precision)
 
 
 TakeMore = Callable[[str | None, int], list[GenerationJob]]
@@ -209,7 +211,8 @@ class BatchRun:
         cache = DynamicCache(config=self._h.model.config)
         device = self._h.device
         mask, positions = mask.to(device), positions.to(device)
-        logits = self._forward(ids.to(device), mask, positions, cache)
+        with self._h.precision.prefill():
+            logits = self._forward(ids.to(device), mask, positions, cache)
         state = BatchCache(cache, mask, positions[:, -1])
         if len(prompts) < len(rows):
             state.keep(row_to_prompt)

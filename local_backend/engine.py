@@ -34,7 +34,7 @@ from local_backend.errors import (
     Overloaded,
 )
 from local_backend.jobs import GenerationJob, JobFailed
-from local_backend.loading import load_model
+from local_backend.loading import Precision, load_model, quiet_torchao_import
 from local_backend.metrics import BackendMetrics
 from local_backend.scheduler import ControlOp, Scheduler
 from local_backend.selftest import SelfTestResult, lora_self_test
@@ -103,7 +103,7 @@ class Engine:
             self.model_name,
             self.max_model_len,
             str(handle.model.dtype).removeprefix("torch."),
-            handle.model.understudy_quantize,
+            handle.precision.quantize,
         )
         threading.Thread(target=self._warm_json_grammar, name="grammar-warmup", daemon=True).start()
 
@@ -111,7 +111,8 @@ class Engine:
         s = self.settings
         if s.threads is not None:
             torch.set_num_threads(s.threads)
-        model, tokenizer, source = load_model(s.model, s.model_cache_root, s.device, s.dtype, s.quantize)
+        with quiet_torchao_import():  # before the GGUF conversion or peft import it loudly
+            model, tokenizer, source = load_model(s.model, s.model_cache_root, s.device, s.dtype, s.quantize)
         self._handle = _model_handle(model, tokenizer, s.max_model_len)
         # Before any real adapter: the throwaway one must leave the bare model behind.
         self.lora_selftest = lora_self_test(model, tokenizer)
@@ -347,4 +348,5 @@ def _model_handle(model: Any, tokenizer: Any, max_model_len: int | None) -> Mode
         pad_id=int(pad),
         device=str(model.device),
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        precision=getattr(model, "understudy_precision", Precision()),
     )

@@ -271,7 +271,7 @@ def test_auto_quantize_serves_dense_when_the_model_does_not_fit_the_kernel(
     tokenizer.save_pretrained(odd)
     model, _, _ = load_model(str(odd), tmp_path, "cpu", "bfloat16", "auto")
     if serving_quantize("auto", "cpu") == "int4":  # this machine: auto would quantize
-        assert model.understudy_quantize == "none"  # 48 wide: not whole groups of 32
+        assert model.understudy_precision.quantize == "none"  # 48 wide: not whole groups of 32
     with pytest.raises(ValueError, match="divisible by 32"):
         load_model(str(odd), tmp_path, "cpu", "bfloat16", "int4")
     with pytest.raises(ValueError, match="int4 computes in bfloat16"):
@@ -283,8 +283,24 @@ def test_auto_quantize_serves_int4_in_bf16_unless_float32_is_asked(
 ) -> None:
     here = serving_quantize("auto", "cpu")  # int4 on this CPU if it has native bf16
     model, _, _ = load_model(str(lively_model_dir), tmp_path, "cpu", "auto", "auto")
-    assert model.understudy_quantize == here
+    assert model.understudy_precision.quantize == here
     if here == "int4":
         assert model.dtype == torch.bfloat16
     model, _, _ = load_model(str(lively_model_dir), tmp_path, "cpu", "float32", "auto")
-    assert (model.understudy_quantize, model.dtype) == ("none", torch.float32)
+    assert (model.understudy_precision.quantize, model.dtype) == ("none", torch.float32)
+
+
+def test_an_int4_model_prefills_on_its_dense_weights_and_decodes_on_int4(
+    lively_model_dir: Path, lora_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    dense, tokenizer, _ = load_model(str(lively_model_dir), tmp_path, "cpu", "bfloat16")
+    model, _, _ = load_model(str(lively_model_dir), tmp_path, "cpu", "bfloat16", "int4")
+    for each in (dense, model):
+        adapters.load_into_model(each, adapters.Adapter("alpha", lora_dirs["alpha"], "lora_1", 0))
+    ids = tokenizer("the quick brown fox jumps over the lazy dog", return_tensors="pt")["input_ids"]
+    prefill = model.understudy_precision.prefill
+    for adapter in (None, "lora_1"):
+        with prefill():
+            on_dense = _logits(model, ids, adapter)
+        assert torch.equal(on_dense, _logits(dense, ids, adapter))  # the very same weights
+        assert not torch.equal(_logits(model, ids, adapter), on_dense)  # int4 again after it
