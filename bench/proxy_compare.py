@@ -190,7 +190,7 @@ def targets_met(summary: dict[str, Any], memory: dict[str, Any]) -> list[dict[st
 
     def throughput() -> tuple[str, bool]:
         ratio = us["32"]["rps"] / ll["32"]["rps"]
-        return f"{us['32']['rps']:.0f} vs {ll['32']['rps']:.0f} req/s ({ratio:.1f}x)", ratio >= 15
+        return f"{us['32']['rps']:.0f} vs {ll['32']['rps']:.0f} req/s ({ratio:.1f}x)", ratio >= 30
 
     def memory_ratio() -> tuple[str, bool]:
         ratio = rss["understudy"] / rss["litellm"]
@@ -199,7 +199,7 @@ def targets_met(summary: dict[str, Any], memory: dict[str, Any]) -> list[dict[st
     checks = []
     for target, figure in (
         ("Understudy's added p50 at concurrency 1 <= 1/20 of LiteLLM's", added_p50),
-        ("Understudy's req/s at concurrency 32 >= 15x LiteLLM's", throughput),
+        ("Understudy's req/s at concurrency 32 >= 30x LiteLLM's", throughput),
         ("Understudy's peak RSS <= 1/2 of LiteLLM's", memory_ratio),
     ):
         try:
