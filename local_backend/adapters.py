@@ -8,11 +8,13 @@ leaves the model once no job holds it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,13 +112,20 @@ def check_adapter_folder(path: Path) -> dict[str, Any]:
     return config
 
 
+@contextlib.contextmanager
+def unmerged_torchao_lora() -> Iterator[None]:
+    """peft's LoRA layer on a torchao (int8/int4) weight warns that merge() needs the
+    quantization config: adapters here are never merged (they hot-swap), so the warning only
+    alarms the log. Wrap every call that adds LoRA layers to a quantized base."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+        yield
+
+
 def load_into_model(model: Any, adapter: Adapter) -> None:
     """Add the adapter's weights to `model` under its id; on failure leave no trace of it."""
     try:
-        with warnings.catch_warnings():
-            # peft's torchao layer warns that merge() needs the quantization config: adapters
-            # here are never merged (they hot-swap), so the warning only alarms the log.
-            warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+        with unmerged_torchao_lora():
             info = model.load_adapter(str(adapter.path), adapter_name=adapter.adapter_id, hotswap=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         delete_from_model(model, adapter.adapter_id)

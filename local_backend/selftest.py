@@ -64,7 +64,8 @@ def _generate_with_throwaway_lora(model: Any, tokenizer: Any) -> None:
     base = _next_token_logits(model, ids)
     target = _first_linear_layer(model)
     try:
-        model.add_adapter(_throwaway_config(target), adapter_name=SELFTEST_ADAPTER)
+        with adapters.unmerged_torchao_lora():
+            model.add_adapter(_throwaway_config(target), adapter_name=SELFTEST_ADAPTER)
         adapters.activate(model, SELFTEST_ADAPTER)
         tuned = _next_token_logits(model, ids)
         adapters.activate(model, None)
