@@ -34,7 +34,7 @@ from local_backend.errors import (
     Overloaded,
 )
 from local_backend.jobs import GenerationJob, JobFailed
-from local_backend.loading import Precision, load_model, quiet_torchao_import
+from local_backend.loading import Precision, load_model
 from local_backend.metrics import BackendMetrics
 from local_backend.scheduler import ControlOp, Scheduler
 from local_backend.selftest import SelfTestResult, lora_self_test
@@ -111,8 +111,7 @@ class Engine:
         s = self.settings
         if s.threads is not None:
             torch.set_num_threads(s.threads)
-        with quiet_torchao_import():  # before the GGUF conversion or peft import it loudly
-            model, tokenizer, source = load_model(s.model, s.model_cache_root, s.device, s.dtype, s.quantize)
+        model, tokenizer, source = load_model(s.model, s.model_cache_root, s.device, s.dtype, s.quantize)
         self._handle = _model_handle(model, tokenizer, s.max_model_len)
         # Before any real adapter: the throwaway one must leave the bare model behind.
         self.lora_selftest = lora_self_test(model, tokenizer)

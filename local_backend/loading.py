@@ -256,8 +256,7 @@ def quantize_int8(model: Any) -> None:
     import torch
 
     require_torchao("int8")
-    with quiet_torchao_import():
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     head = model.get_output_embeddings()
 
@@ -307,9 +306,8 @@ def quantize_int4(model: Any) -> DensePrefill:
     import torch
 
     require_torchao("int4")
-    with quiet_torchao_import():
-        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
-        from torchao.quantization import quantize_
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import quantize_
 
     if next(model.parameters()).device.type != "cpu":
         raise ValueError(
@@ -330,12 +328,12 @@ def quantize_int4(model: Any) -> DensePrefill:
 
 class DensePrefill:
     """The bf16 weights an int4 model prefills with. torchao's CPU int4 kernel is built for
-    a few rows at a time: it decodes 2-3x faster than bf16 but prefills 2-4x slower (a
-    60-token prompt: 210 ms against 94 ms on SmolLM2, 1.5 s against 0.39 s on a
+    a few rows at a time: it decodes 2-3x faster than bf16 but prefills 2-7x slower (a
+    300-token prompt: 985 ms against 245 ms on SmolLM2, 8.0 s against 1.2 s on a
     TinyLlama-sized model, one thread), so a prompt runs on the dense weights (bf16 matrix
     multiplies, AMX where the CPU has it) and every generated token on int4. Costs the bf16
-    copy's memory of the decoder layers (190 MB for SmolLM2, 1.9 GB for a 1.1B model). Swapping is a pointer per
-    layer; a LoRA adapter wraps the same layer objects, so it applies on both."""
+    copy of the decoder layers (190 MB for SmolLM2, 1.9 GB for a 1.1B model). Swapping is a
+    pointer per layer; a LoRA adapter wraps the same layer objects, so it applies on both."""
 
     def __init__(self, layers: list[tuple[Any, Any]]) -> None:
         self._layers = layers
@@ -371,9 +369,17 @@ def load_model(
     """Load (model, tokenizer, source) for `spec`, converting a GGUF once into `cache_root`.
 
     `device` defaults to CUDA when present; `dtype` to bf16 on CUDA, fp32 on CPU; `auto`
-    picks by the hardware (`serving_dtype`, `serving_quantize`); int4 computes in bf16. `quantize` ("int8", "int4")
-    quantizes the linear layers' weights; `model.understudy_precision` says what was chosen.
+    picks by the hardware (`serving_dtype`, `serving_quantize`); int4 computes in bf16.
+    `quantize` ("int8", "int4") quantizes the linear layers' weights;
+    `model.understudy_precision` says what was chosen. torchao is imported quietly here.
     """
+    with quiet_torchao_import():  # the GGUF conversion and the quantizers import it
+        return _load_model(spec, cache_root, device, dtype, quantize)
+
+
+def _load_model(
+    spec: str, cache_root: Path, device: str | None, dtype: str | None, quantize: str
+) -> tuple[Any, Any, ModelSource]:
     source = ensure_dense(resolve(spec), cache_root)
     device = pick_device(device)
     chosen = serving_dtype(dtype, device) if dtype == "auto" else dtype or default_dtype(device)
